@@ -1,0 +1,36 @@
+# The two commands in the README: `make run` (set up + the main job) and `make test` (set up + tests).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/tiny
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test clean-run
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when pyproject.toml changes. torch goes in first so that nothing
+# pulls an unpinned (CUDA, multi-GB) torch on a CPU machine.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if [ "$(DS_ACCELERATOR)" = "cuda" ]; then $(BIN)/pip install -q "torch>=2.4"; \
+	else $(BIN)/pip install -q "torch==2.13.0"; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m rlhf_ops.cli.pipeline --preset tiny --output_dir $(RUN_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-run:
+	rm -rf $(RUN_DIR)
