@@ -1,0 +1,158 @@
+"""The one DeepSpeed engine every trainer uses (SFT, RM, PRM, DPO, actor, critic).
+
+The same code runs on a CPU (gloo, fp32) and on GPUs (nccl, bf16). CPU-specific facts it
+handles (see shared/STACK-FACTS.md):
+- a single process started without a launcher needs RANK/WORLD_SIZE/MASTER_ADDR/PORT: we set them;
+- DeepSpeed compiles its shared-memory comm op (~110 s) on first use: on CPU we mark it
+  incompatible so plain gloo is used, and a fresh CI machine never pays that;
+- DeepSpeed's own Adam would compile fused/cpu Adam (~130-160 s): we pass torch's AdamW
+  (`zero_allow_untested_optimizer`), except on GPU with --adam_offload where DeepSpeedCPUAdam is
+  the point of the option.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf_ops.config import ConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Join (or create) the process group; returns (rank, world_size). Idempotent."""
+    import datetime
+
+    if "RANK" not in os.environ:  # a plain `python -m ...`: be a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    gpu = on_gpu()
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def grad_accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    per_step = micro_batch_size * world_size
+    if train_batch_size % per_step:
+        raise ConfigError(
+            f"--train_batch_size {train_batch_size} is not divisible by --micro_train_batch_size "
+            f"{micro_batch_size} x world size {world_size} = {per_step}")
+    return train_batch_size // per_step
+
+
+def ds_config(cfg: Any, world_size: int, *, train: bool = True) -> dict:
+    """The DeepSpeed config dict for a TrainOptions-like `cfg`."""
+    gas = grad_accumulation_steps(cfg.train_batch_size, cfg.micro_train_batch_size, world_size)
+    offload = getattr(cfg, "adam_offload", False) and train
+    zero = {
+        "stage": cfg.zero_stage,
+        "overlap_comm": getattr(cfg, "overlap_comm", False),
+        "offload_optimizer": {"device": "cpu" if offload else "none", "pin_memory": on_gpu()},
+        "offload_param": {"device": "none"},
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "reduce_bucket_size": 5e7,
+        "sub_group_size": 1e9,
+    }
+    conf = {
+        "train_micro_batch_size_per_gpu": cfg.micro_train_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.train_batch_size,
+        "gradient_clipping": cfg.max_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(cfg.bf16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "data_types": {"grad_accum_dtype": "fp32"},
+    }
+    tp = getattr(cfg, "ds_tensor_parallel_size", 1)
+    if tp > 1:
+        conf["tensor_parallel"] = {"autotp_size": tp}
+    return conf
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                   cpu_adam: bool = False) -> torch.optim.Optimizer:
+    """AdamW with no decay on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cpu_adam:  # GPU + --adam_offload: the fast CPU Adam DeepSpeed builds for ZeRO-Offload
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float, lr: float):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(total_steps * warmup_ratio)
+    kwargs = {"min_lr": lr * 0.1} if name == "cosine_with_min_lr" else {}
+    if name == "warmup_stable_decay":
+        kwargs = {"num_decay_steps": max(1, total_steps // 10)}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1),
+                         scheduler_specific_kwargs=kwargs)
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine plus what the training loop needs to know about it."""
+    module: Any  # deepspeed.DeepSpeedEngine
+    world_size: int
+    rank: int
+    grad_accum: int
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.module.module
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)
+        self.module.step()
+
+    @property
+    def lr(self) -> float:
+        return self.module.get_lr()[0]
+
+
+def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: float | None = None) -> Engine:
+    """Wrap `model` in a DeepSpeed engine with the optimizer and schedule that `cfg` describes."""
+    import deepspeed
+
+    rank, world = init_distributed()
+    conf = ds_config(cfg, world)
+    lr = cfg.learning_rate if lr is None else lr
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = make_optimizer(model, lr, tuple(cfg.adam_betas), cfg.l2, cpu_adam=cfg.adam_offload and on_gpu())
+    sched = make_scheduler(opt, cfg.lr_scheduler, total_steps, cfg.lr_warmup_ratio, lr)
+    module, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf,
+                                      dist_init_required=False)
+    return Engine(module=module, world_size=world, rank=rank, grad_accum=conf["gradient_accumulation_steps"])

@@ -1,0 +1,56 @@
+"""Forward passes that compute only what the loss needs.
+
+A causal LM's head is the largest matmul for real vocabularies, and a full-vocabulary
+log-softmax over every position (prompt and padding included) is the usual waste. Here the
+decoder runs once, the hidden states at target positions are gathered, and only those go
+through the LM head and the cross-entropy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_ops.data.batching import Batch
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under DeepSpeed / PEFT wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # deepspeed
+            model = model.module
+        else:
+            return model
+
+
+def decoder_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Last hidden states [B, T, H] of a *ForCausalLM / *ForSequenceClassification model."""
+    hf = unwrap(model)
+    out = hf.get_decoder()(**batch.model_inputs(), use_cache=False)
+    return out.last_hidden_state
+
+
+def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(target), number of targets) over the batch, LM head at targets only."""
+    hidden_BTH = decoder_hidden(model, batch)
+    sel = batch.targets_BT != -100
+    logits_NV = unwrap(model).get_output_embeddings()(hidden_BTH[sel])
+    targets_N = batch.targets_BT[sel]
+    nll = F.cross_entropy(logits_NV.float(), targets_N, reduction="sum")
+    return nll, int(targets_N.numel())
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch, aux_loss_coef: float = 0.0) -> dict[str, Any]:
+    """Token-mean next-token loss over the batch's targets, plus MoE aux loss when asked."""
+    if aux_loss_coef > 0:
+        out = model(**batch.model_inputs(), output_router_logits=True, use_cache=False)
+        logits = out.logits.float()
+        nll = F.cross_entropy(logits.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=-100, reduction="sum")
+        n = batch.num_targets
+        loss = nll / max(n, 1) + aux_loss_coef * getattr(out, "aux_loss", 0.0)
+        return {"loss": loss, "nll_sum": nll.detach(), "num_targets": n}
+    nll, n = target_nll(model, batch)
+    return {"loss": nll / max(n, 1), "nll_sum": nll.detach(), "num_targets": n}

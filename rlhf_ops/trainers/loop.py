@@ -1,0 +1,148 @@
+"""The supervised training loop shared by SFT, reward-model, PRM and DPO training.
+
+A stage supplies a `step_fn(model, batch) -> (loss, metrics)` and a `make_batch(indices)`;
+this loop owns everything else: data order per rank, gradient accumulation through the
+DeepSpeed engine, metrics, evaluation, resumable checkpoints and the final save.
+
+Metrics are `{name: (sum, weight)}` pairs so that means are exact across micro-batches and
+ranks (e.g. SFT loss = sum of token NLL / number of target tokens).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from rlhf_ops.data.batching import epoch_micro_batches, eval_micro_batches
+from rlhf_ops.utils import checkpoint as ckpt
+from rlhf_ops.utils.tracking import MetricsLogger
+
+logger = logging.getLogger(__name__)
+Metrics = dict[str, tuple[float, float]]
+StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
+
+
+class MetricSums:
+    """Accumulates (sum, weight) pairs; `reduce()` all-reduces across ranks and returns means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add(self, metrics: Metrics) -> None:
+        for k, (s, w) in metrics.items():
+            self.sums[k][0] += float(s)
+            self.sums[k][1] += float(w)
+
+    def reduce(self) -> dict[str, float]:
+        keys = sorted(self.sums)
+        t = torch.tensor([v for k in keys for v in self.sums[k]], dtype=torch.float64)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and keys:
+            torch.distributed.all_reduce(t)
+        return {k: (t[2 * i] / t[2 * i + 1]).item() if t[2 * i + 1] > 0 else float("nan") for i, k in enumerate(keys)}
+
+
+@dataclass
+class LoopData:
+    num_train: int
+    make_batch: Callable[[list[int]], Any]
+    num_eval: int = 0
+    make_eval_batch: Callable[[list[int]], Any] | None = None
+
+
+def steps_per_epoch(num_rows: int, train_batch_size: int, what: str = "dataset") -> int:
+    steps = num_rows // train_batch_size
+    if steps == 0:
+        from rlhf_ops.config import ConfigError
+        raise ConfigError(f"--train_batch_size {train_batch_size} is larger than the {what} ({num_rows} rows): "
+                          "no full optimizer step fits; lower --train_batch_size")
+    return steps
+
+
+class SupervisedLoop:
+    def __init__(self, cfg: Any, engine: Any, tokenizer: Any, data: LoopData, step_fn: StepFn,
+                 metrics: MetricsLogger, name: str):
+        self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+        self.data, self.step_fn, self.metrics, self.name = data, step_fn, metrics, name
+        self.steps_per_epoch = steps_per_epoch(data.num_train, cfg.train_batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.max_epochs
+        self.global_step = 0
+
+    def fit(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg, eng = self.cfg, self.engine
+        start_epoch, start_micro = self._resume()
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.name, disable=eng.rank != 0)
+        sums, t0 = MetricSums(), time.perf_counter()
+        for epoch in range(start_epoch, cfg.max_epochs):
+            mbs = epoch_micro_batches(self.data.num_train, cfg.train_batch_size, cfg.micro_train_batch_size,
+                                      eng.world_size, eng.rank, epoch, cfg.seed)
+            for i in range(start_micro if epoch == start_epoch else 0, len(mbs)):
+                loss, m = self.step_fn(eng.module, self.data.make_batch(mbs[i]))
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(
+                        f"{self.name}: non-finite loss ({loss.item()}) at optimizer step {self.global_step + 1} "
+                        f"(epoch {epoch}, micro-batch {i}); last good checkpoint: "
+                        f"{ckpt.latest_checkpoint(cfg.ckpt_path) or 'none'} in {cfg.ckpt_path}")
+                eng.backward_step(loss)
+                sums.add(m)
+                if (i + 1) % eng.grad_accum:
+                    continue
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % cfg.logging_steps == 0:
+                    logs = sums.reduce()
+                    logs.update(lr=eng.lr, epoch=epoch, seconds=time.perf_counter() - t0)
+                    self.metrics.log(self.global_step, logs)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "acc")})
+                    sums = MetricSums()
+                if cfg.eval_steps > 0 and self.global_step % cfg.eval_steps == 0:
+                    self.evaluate()
+                if cfg.save_steps > 0 and self.global_step % cfg.save_steps == 0:
+                    ckpt.save_checkpoint({"model": eng.module}, cfg.ckpt_path, self.global_step,
+                                         {"global_step": self.global_step, "epoch": epoch, "micro": i + 1},
+                                         cfg.max_ckpt_num)
+        bar.close()
+        final = self.evaluate()
+        ckpt.save_hf_model(eng.module, self.tokenizer, cfg.save_path, {"metrics.jsonl": str(self.metrics.path)})
+        return final
+
+    def _resume(self) -> tuple[int, int]:
+        state = ckpt.load_checkpoint({"model": self.engine.module}, self.cfg.ckpt_path) if self.cfg.load_checkpoint else None
+        if state is None:
+            self.metrics.truncate_after(0)
+            return 0, 0
+        self.global_step = int(state["global_step"])
+        self.metrics.truncate_after(self.global_step)
+        epoch, micro = int(state["epoch"]), int(state["micro"])
+        n_micro = math.ceil(self.steps_per_epoch * self.cfg.train_batch_size
+                            / (self.cfg.micro_train_batch_size * self.engine.world_size))
+        return (epoch + 1, 0) if micro >= n_micro else (epoch, micro)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.data.num_eval or self.data.make_eval_batch is None:
+            return {}
+        eng = self.engine
+        eng.module.eval()
+        sums = MetricSums()
+        chunks = eval_micro_batches(self.data.num_eval, self.cfg.micro_train_batch_size, 1, 0)
+        # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively);
+        # a rank out of rows repeats the first chunk and discards its metrics.
+        for j in range(math.ceil(len(chunks) / eng.world_size)):
+            c = j * eng.world_size + eng.rank
+            _, m = self.step_fn(eng.module, self.data.make_eval_batch(chunks[c if c < len(chunks) else 0]))
+            if c < len(chunks):
+                sums.add(m)
+        eng.module.train()
+        result = sums.reduce()
+        self.metrics.log(self.global_step, result, split="eval")
+        if eng.rank == 0:
+            logger.info("%s eval @ step %d: %s", self.name, self.global_step,
+                        ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
