@@ -149,7 +149,7 @@ def group_norm_PG(
     centered_PG = scores_PG - scores_PG.mean(dim=-1, keepdim=True)
     if not std_norm:
         return centered_PG
-    return centered_PG / (scores_PG.std(dim=-1, keepdim=True, unbiased=False) + eps)
+    return centered_PG / (scores_PG.std(dim=-1, keepdim=True) + eps)
 
 
 def dr_grpo_PG(scores_PG: torch.Tensor) -> torch.Tensor:
