@@ -131,16 +131,22 @@ def load_yaml(path: str | Path, cls: type, section: str | None = None) -> dict[s
         data = data.get(section) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return check_keys(cls, data, str(path))
+
+
+def check_keys(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Type-check a mapping of option values against `cls` (no cross-field validation)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of option names to values, got {type(data).__name__}")
     fields = _fields(cls)
     out = {}
     for key, value in data.items():
-        key = str(key).replace("-", "_")
-        key = _ALIASES.get(key, key)
+        key = _ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=3)
-            raise ConfigError(f"{path}: unknown key {key!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else
-                                                               f"; known keys: {', '.join(sorted(fields))}"))
-        out[key] = _coerce(value, fields[key][1], f"{path}: key {key!r}")
+            raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else
+                                                                f"; known keys: {', '.join(sorted(fields))}"))
+        out[key] = _coerce(value, fields[key][1], f"{where}: key {key!r}")
     return out
 
 
@@ -223,15 +229,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build `cls` from a plain dict (a params section, a Prefect parameter), type-checked."""
-    fields = _fields(cls)
-    values = {}
-    for key, value in data.items():
-        key = _ALIASES.get(key, key)
-        if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=3)
-            raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
-        values[key] = _coerce(value, fields[key][1], f"{where}: key {key!r}")
-    return cls(**values)
+    return cls(**check_keys(cls, data, where))
 
 
 def to_argv(cfg: Any) -> list[str]:

@@ -34,11 +34,17 @@ class TokenizedSet:
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
-    """Ids the tokenizer puts in front of a text by itself (usually BOS), learned by probing."""
-    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    n = len(with_sp) - len(without)
-    return list(with_sp[:n]) if n > 0 and with_sp[n:n + len(without)] == without else []
+    """Ids the tokenizer puts in front of a text by itself (usually BOS), learned by probing.
+
+    Only the part before the text counts: a tokenizer that also appends ids (BOS a EOS) still
+    gives just its prefix.
+    """
+    with_sp = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for n in range(len(with_sp) - len(without) + 1):
+        if with_sp[n:n + len(without)] == without:
+            return with_sp[:n]
+    return []
 
 
 def tokenize_rows(rows: Sequence[Sequence[Segment]], tokenizer: Any, *, max_len: int, add_bos: bool,

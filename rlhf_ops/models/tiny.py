@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -37,7 +36,7 @@ PRM_PLACEHOLDER = "ки"
 VOCAB_SIZE = 511  # BPE vocab incl. specials; + the placeholder = 512 tokens in all
 MODEL_MAX_LENGTH = 1024
 
-# The system-prompt-free chat format: <|role|>\n{content}<|end|>\n per message, after a BOS.
+# BOS, then <|role|>\n{content}<|end|>\n per message (roles: system, user, assistant).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"

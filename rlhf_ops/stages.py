@@ -1,0 +1,106 @@
+"""One stage, one name: its params file, its entry point and where its artifacts go.
+
+The pipeline runner, the Prefect tasks and `dvc.yaml` all read this table, so a stage's command
+line is built in exactly one place. Params YAML files hold hyperparameters only; paths are
+wired here from the run directory, so a preset never hard-codes where a run lives.
+
+    params/presets/<preset>/<stage>.yaml   ->   python -m <module> --config <yaml> <path flags>
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rlhf_ops.config import ConfigError, check_keys
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str  # "module:Class" of the command's typed config, for up-front key/type checks
+    yaml_section: str | None  # which top-level key of the stage's YAML this command reads (None: the whole file)
+    path_flags: Callable[[Path], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    commands: tuple[Command, ...]
+    outputs: Callable[[Path], list[Path]]
+
+
+def _base_model(run: Path) -> str:
+    return str(run / "base_model")
+
+
+STAGES: dict[str, Stage] = {
+    "prep": Stage("prep", (
+        Command("rlhf_ops.cli.prepare", "rlhf_ops.cli.prepare:PrepareConfig", "data", lambda r: {"output_dir": str(r / "data")}),
+        Command("rlhf_ops.cli.make_tiny", "rlhf_ops.cli.make_tiny:MakeTinyConfig", "tiny_model", lambda r: {"output_dir": _base_model(r), "overwrite": "true"}),
+    ), lambda r: [r / "data", r / "base_model"]),
+    "sft": Stage("sft", (
+        Command("rlhf_ops.cli.train_sft", "rlhf_ops.trainers.sft:SFTConfig", None, lambda r: {
+            "pretrain": _base_model(r), "dataset": str(r / "data" / "sft"), "eval_dataset": str(r / "data" / "sft"),
+            "save_path": str(r / "sft"), "ckpt_path": str(r / "ckpt" / "sft")}),
+    ), lambda r: [r / "sft"]),
+}
+ORDER = ["prep", "sft"]
+
+
+def params_dir(preset: str, root: Path | None = None) -> Path:
+    base = (root or REPO_ROOT) / "params" / "presets"
+    d = base / preset
+    if not d.is_dir():
+        known = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        raise ConfigError(f"unknown preset {preset!r}: no directory {d} (known presets: {', '.join(known) or 'none'})")
+    return d
+
+
+def stage_yaml(preset: str, stage: str, root: Path | None = None) -> Path:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(ORDER)})")
+    path = params_dir(preset, root) / f"{stage}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset {preset!r} has no params file for stage {stage!r}: {path}")
+    return path
+
+
+def command_lines(stage: str, preset: str, run_dir: Path, root: Path | None = None) -> list[list[str]]:
+    """The argv of every command of a stage (YAML hyperparameters + wired paths)."""
+    import yaml
+
+    path = stage_yaml(preset, stage, root)
+    data = yaml.safe_load(path.read_text()) or {}
+    argvs = []
+    for cmd in STAGES[stage].commands:
+        section = data if cmd.yaml_section is None else data.get(cmd.yaml_section)
+        if section is None:
+            raise ConfigError(f"{path}: missing section {cmd.yaml_section!r} for {cmd.module}")
+        where = f"{path}" + (f" [{cmd.yaml_section}]" if cmd.yaml_section else "")
+        mod, cls = cmd.config.split(":")
+        check_keys(getattr(importlib.import_module(mod), cls), section, where)
+        argv = [sys.executable, "-m", cmd.module]
+        argv += _flags(section, where)
+        for k, v in cmd.path_flags(run_dir).items():
+            argv += [f"--{k}"] if v == "true" else [f"--{k}", v]
+        argvs.append(argv)
+    return argvs
+
+
+def _flags(section: dict, where: str) -> list[str]:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping of option names to values")
+    out: list[str] = []
+    for k, v in section.items():
+        if isinstance(v, bool):
+            out.append(f"--{k}" if v else f"--no-{k}")
+        elif isinstance(v, (list, tuple)):
+            out += [f"--{k}", *map(str, v)]
+        elif v is not None:
+            out += [f"--{k}", str(v)]
+    return out
