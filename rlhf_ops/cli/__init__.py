@@ -1,0 +1,19 @@
+"""Command-line entry points, one module per stage, flags named as in the reference CLI."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def run_stage(prog: str, fn: Callable[[Any], T], cfg: Any) -> T:
+    """Run a stage; bad input (config or data) exits with one clear line instead of a traceback."""
+    from rlhf_ops.config import ConfigError
+    from rlhf_ops.data.sources import DataError
+
+    try:
+        return fn(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

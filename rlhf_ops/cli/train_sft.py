@@ -1,17 +1,20 @@
 """`python -m rlhf_ops.cli.train_sft` (also under `deepspeed --module` and `torchrun`)."""
 from __future__ import annotations
 
+from rlhf_ops.cli import run_stage
 from rlhf_ops.config import parse_config
 from rlhf_ops.trainers.sft import SFTConfig
+
+PROG = "python -m rlhf_ops.cli.train_sft"
 
 
 def main(argv: list[str] | None = None) -> dict:
     from rlhf_ops.utils.logs import setup_logging
 
-    cfg = parse_config(SFTConfig, argv, prog="python -m rlhf_ops.cli.train_sft")
+    cfg = parse_config(SFTConfig, argv, prog=PROG)
     setup_logging()
     from rlhf_ops.trainers.sft import train_sft
-    return train_sft(cfg)
+    return run_stage(PROG, train_sft, cfg)
 
 
 if __name__ == "__main__":

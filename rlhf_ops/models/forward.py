@@ -26,18 +26,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _is_deepspeed_engine(model: Any) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
 def decoder_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Last hidden states [B, T, H] of a *ForCausalLM / *ForSequenceClassification model."""
+    """Last hidden states [B, T, H] of a *ForCausalLM / *ForSequenceClassification model.
+
+    This calls the decoder directly, bypassing `DeepSpeedEngine.forward`, whose hooks the engine's
+    `backward` relies on (without them ZeRO-3 overwrites instead of accumulating gradients across
+    micro-batches). So it refuses a DeepSpeed engine while autograd is on: train through `model(...)`.
+    """
+    if torch.is_grad_enabled() and _is_deepspeed_engine(model):
+        raise RuntimeError("decoder_hidden() bypasses DeepSpeedEngine.forward; a training forward must call the "
+                           "engine itself (see target_nll), or DeepSpeed's gradient accumulation breaks")
     hf = unwrap(model)
     out = hf.get_decoder()(**batch.model_inputs(), use_cache=False)
     return out.last_hidden_state
 
 
 def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of -log p(target), number of targets) over the batch, LM head at targets only."""
-    hidden_BTH = decoder_hidden(model, batch)
+    """(sum of -log p(target), number of targets) over the batch, LM head at targets only.
+
+    The forward goes through `model(...)` (for a DeepSpeed engine: `engine.forward`, which its
+    backward needs) with `logits_to_keep` as a boolean mask, so the head runs at targets only.
+    """
     sel = batch.targets_BT != -100
-    logits_NV = unwrap(model).get_output_embeddings()(hidden_BTH[sel])
+    logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=sel).logits
     targets_N = batch.targets_BT[sel]
     nll = F.cross_entropy(logits_NV.float(), targets_N, reduction="sum")
     return nll, int(targets_N.numel())
