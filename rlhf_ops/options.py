@@ -104,3 +104,19 @@ def validate_data(cfg: DataOptions) -> None:
     check(cfg.max_samples > 0, "max_samples", f"must be > 0, got {cfg.max_samples}")
     if cfg.input_template is not None:
         check("{}" in cfg.input_template, "input_template", f"must contain '{{}}' where the input goes, got {cfg.input_template!r}")
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    lora_rank: int = opt(0, "LoRA rank; > 0 enables LoRA (only the adapter is trained and saved)")
+    lora_alpha: int = opt(16, "LoRA alpha (scaling = alpha / rank)")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: list[str] = opt(["all-linear"], "Modules that get adapters (default: all linear layers but the head)")
+    load_in_4bit: bool = opt(False, "QLoRA: load the base weights in 4-bit (needs a CUDA GPU and bitsandbytes)")
+
+
+def validate_lora(cfg: LoRAOptions) -> None:
+    check(cfg.lora_rank >= 0, "lora_rank", f"must be >= 0, got {cfg.lora_rank}")
+    check(cfg.lora_alpha > 0, "lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+    check(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    check(not cfg.load_in_4bit or cfg.lora_rank > 0, "load_in_4bit", "QLoRA needs --lora_rank > 0")

@@ -45,12 +45,15 @@ def load_tokenizer(path: str, chat_template: str | None = None, padding_side: st
 
 
 def load_causal_lm(path: str, *, bf16: bool = False, flash_attn: bool = False, use_liger_kernel: bool = False,
-                   ds_config: dict | None = None) -> torch.nn.Module:
+                   ds_config: dict | None = None, load_in_4bit: bool = False) -> torch.nn.Module:
     """A *ForCausalLM in train mode; with a ZeRO-3 `ds_config` the weights load partitioned."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation(flash_attn))
+    if load_in_4bit:
+        from rlhf_ops.models.lora import quantization_config
+        kwargs["quantization_config"] = quantization_config(True)
     keep = _zero3_context(ds_config)  # noqa: F841  (must stay alive during from_pretrained)
     try:
         if use_liger_kernel:

@@ -18,13 +18,13 @@ from rlhf_ops.data.batching import collate
 from rlhf_ops.data.sources import load_mixture, require_keys
 from rlhf_ops.data.templates import Segment, multiturn_segments, pair_segments
 from rlhf_ops.data.tokenize import TokenizedSet, tokenize_rows
-from rlhf_ops.options import DataOptions, TrainOptions, validate_data, validate_train
+from rlhf_ops.options import DataOptions, LoRAOptions, TrainOptions, validate_data, validate_lora, validate_train
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SFTConfig(DataOptions, TrainOptions):
+class SFTConfig(LoRAOptions, DataOptions, TrainOptions):
     """Supervised fine-tuning of a causal LM (python -m rlhf_ops.cli.train_sft)."""
     output_key: Optional[str] = opt(None, "JSON key of the response; None when --input_key holds the whole conversation")
     multiturn: bool = opt(False, "Train on every assistant turn of a conversation (needs --apply_chat_template)")
@@ -35,6 +35,7 @@ class SFTConfig(DataOptions, TrainOptions):
     def __post_init__(self) -> None:
         validate_train(self)
         validate_data(self)
+        validate_lora(self)
         check(not self.multiturn or self.apply_chat_template, "multiturn", "needs --apply_chat_template")
         check(self.pretrain_mode or self.output_key is not None or self.apply_chat_template, "output_key",
               "is required unless --apply_chat_template (conversation in --input_key) or --pretrain_mode")
@@ -78,6 +79,7 @@ def batch_maker(data: TokenizedSet, pad_id: int, packed: bool, flash: bool, devi
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
     from rlhf_ops.distributed.engine import create_engine, ds_config, init_distributed
     from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
+    from rlhf_ops.models.lora import apply_lora
     from rlhf_ops.trainers.loop import LoopData, SupervisedLoop, steps_per_epoch
     from rlhf_ops.utils.tracking import MetricsLogger
 
@@ -88,8 +90,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     evals = build_sft_set(cfg, tokenizer, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     logger.info("SFT data: %d train rows (%d tokens), %d eval rows", len(train), train.num_tokens,
                 len(evals) if evals else 0)
-    model = load_causal_lm(cfg.pretrain, bf16=cfg.bf16, flash_attn=cfg.flash_attn,
-                           use_liger_kernel=cfg.use_liger_kernel, ds_config=ds_config(cfg, world))
+    model = load_causal_lm(cfg.pretrain, bf16=cfg.bf16, flash_attn=cfg.flash_attn, use_liger_kernel=cfg.use_liger_kernel,
+                           ds_config=ds_config(cfg, world), load_in_4bit=cfg.load_in_4bit)
+    model = apply_lora(model, cfg)
     total = steps_per_epoch(len(train), cfg.train_batch_size) * cfg.max_epochs
     engine = create_engine(model, cfg, total)
     device = engine.module.device

@@ -13,5 +13,6 @@ def setup_logging(verbose: bool = True) -> None:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
