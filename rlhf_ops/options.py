@@ -74,8 +74,13 @@ def validate_train(cfg: TrainOptions) -> None:
           "AutoTP works only with --zero_stage 0, 1 or 2")
     check(not os.path.isfile(cfg.save_path), "save_path", f"{cfg.save_path} is an existing file, expected a directory")
     check(not os.path.isfile(cfg.ckpt_path), "ckpt_path", f"{cfg.ckpt_path} is an existing file, expected a directory")
-    if cfg.pretrain is not None and _looks_local(cfg.pretrain):
-        check(os.path.isdir(cfg.pretrain), "pretrain", f"{cfg.pretrain} does not exist (expected a model directory or a hub name)")
+    check_model_path("pretrain", cfg.pretrain)
+
+
+def check_model_path(field: str, path: str | None) -> None:
+    """A local-looking model path must exist (hub names are left to the loader)."""
+    if path is not None and _looks_local(path):
+        check(os.path.isdir(path), field, f"{path} does not exist (expected a model directory or a hub name)")
 
 
 def _looks_local(path: str) -> bool:

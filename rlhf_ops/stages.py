@@ -48,6 +48,11 @@ STAGES: dict[str, Stage] = {
             "pretrain": _base_model(r), "dataset": str(r / "data" / "sft"), "eval_dataset": str(r / "data" / "sft"),
             "save_path": str(r / "sft"), "ckpt_path": str(r / "ckpt" / "sft")}),
     ), lambda r: [r / "sft"]),
+    "prm": Stage("prm", (
+        Command("rlhf_ops.cli.train_prm", "rlhf_ops.trainers.prm:PRMConfig", None, lambda r: {
+            "pretrain": str(r / "sft"), "dataset": str(r / "data" / "prm"), "eval_dataset": str(r / "data" / "prm"),
+            "save_path": str(r / "prm"), "ckpt_path": str(r / "ckpt" / "prm")}),
+    ), lambda r: [r / "prm"]),
 }
 ORDER = ["prep", "sft"]
 

@@ -1,17 +1,22 @@
 """The built-in verifiable task: short multi-step integer arithmetic with a step-by-step solution.
 
-    question: "What is 47 + 38 - 19?"
-    solution: "47 + 38 = 85\\n85 - 19 = 66\\nAnswer: 66"
+    question: "What is 47 + 8 - 9?"
+    solution: "47 + 8 = 55\n55 - 9 = 46\nAnswer: 46"
 
 Why this task: every answer is checkable by a regex (so RL needs no learned reward model), wrong
 solutions with a known first wrong step are cheap to make (preference and PRM negatives), and a
-~1M-parameter model trained for a few CPU minutes learns it only partly: 2-operand sums come
-first, 3-operand chains and products later, which leaves RL room to improve.
+~1M-parameter model trained for a few CPU minutes learns it only partly, which leaves RL room to
+improve. The operand ranges are tuned for that budget (see docs/data_layout.md): mostly
+one-digit right-hand operands, so the model first learns to copy the operands and the one-digit
+tables, solves many "easy" problems, fewer "medium" chains and few "hard" products.
 
-Difficulties: "easy" (a ± b), "medium" (a ± b ± c), "hard" (a * b ± c, b one digit), "mixed"
-(one third each). `*` only ever appears as the first operation, so left-to-right evaluation
-agrees with operator precedence. Every intermediate value is >= 0. Everything is driven by a
-seeded `random.Random`, so the same (n, seed, difficulty) always gives the same problems.
+Difficulties: "easy" (a ± b), "medium" (a ± b ± c), "hard" (a * b ± c, a and b one digit),
+"mixed" (50% easy, 30% medium, 20% hard). In easy and medium problems the first number has one
+digit half the time and every later one 80% of the time; in hard ones the number after the
+product has one digit half the time. Other numbers have 2 digits. `*` only ever appears as the
+first operation, so left-to-right evaluation agrees with operator precedence. Every
+intermediate value is >= 0. Everything is driven by a seeded `random.Random`, so the same
+(n, seed, difficulty) always gives the same problems.
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ import random
 import re
 
 DIFFICULTIES = ("easy", "medium", "hard", "mixed")
+MIX_WEIGHTS = {"easy": 5, "medium": 3, "hard": 2}  # of "mixed"
+# probability that a number is one digit (else two), for the first number / every later one
+ONE_DIGIT_SHARE = {"easy": (0.5, 0.8), "medium": (0.5, 0.8), "hard": (1.0, 0.5)}
 _ANSWER_RE = re.compile(r"Answer\s*:\s*([+-]?\d+)")
 
 
@@ -45,40 +53,46 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _number(rng: random.Random, hi: int = 99) -> int:
-    """A 1-digit number 30% of the time, otherwise a 2-digit one (capped at `hi`)."""
-    if hi < 10 or rng.random() < 0.3:
+def _number(rng: random.Random, one_digit: float, hi: int = 99) -> int:
+    """A 1-digit number with probability `one_digit`, otherwise a 2-digit one (capped at `hi`)."""
+    if hi < 10 or rng.random() < one_digit:
         return rng.randint(1, min(9, hi))
     return rng.randint(10, hi)
 
 
-def _operand(rng: random.Random, value: int, op: str) -> int:
+def _operand(rng: random.Random, value: int, op: str, one_digit: float) -> int:
     """A right-hand operand for `value op ?` that keeps the result >= 0."""
     if op == "*":
         return rng.randint(2, 9)
     if op == "-":
-        return _number(rng, hi=min(value, 99))
-    return _number(rng)
+        return _number(rng, one_digit, hi=min(value, 99))
+    return _number(rng, one_digit)
 
 
-def _ops(rng: random.Random, difficulty: str) -> list[str]:
-    if difficulty == "mixed":
-        difficulty = rng.choice(("easy", "medium", "hard"))
-    if difficulty == "easy":
+def _level(rng: random.Random, difficulty: str) -> str:
+    if difficulty != "mixed":
+        return difficulty
+    return rng.choices(list(MIX_WEIGHTS), weights=list(MIX_WEIGHTS.values()))[0]
+
+
+def _ops(rng: random.Random, level: str) -> list[str]:
+    if level == "easy":
         return [rng.choice("+-")]
-    if difficulty == "medium":
+    if level == "medium":
         return [rng.choice("+-"), rng.choice("+-")]
     return ["*", rng.choice("+-")]
 
 
 def make_problem(rng: random.Random, difficulty: str = "mixed") -> Problem:
     """One random problem of the given difficulty."""
-    ops = _ops(rng, difficulty)
-    value = _number(rng)
+    level = _level(rng, difficulty)
+    ops = _ops(rng, level)
+    first_share, rest_share = ONE_DIGIT_SHARE[level]
+    value = _number(rng, first_share)
     terms, steps = [str(value)], []
     for op in ops:
         op = "+" if op == "-" and value == 0 else op
-        b = _operand(rng, value, op)
+        b = _operand(rng, value, op, rest_share)
         new = _apply(value, op, b)
         steps.append(f"{value} {op} {b} = {new}")
         terms += [op, str(b)]

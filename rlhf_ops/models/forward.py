@@ -45,17 +45,50 @@ def decoder_hidden(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of -log p(target), number of targets) over the batch, LM head at targets only.
+def target_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp_N, sel_BT): log p(target) at the N target positions (row-major), and where they are.
 
     The forward goes through `model(...)` (for a DeepSpeed engine: `engine.forward`, which its
     backward needs) with `logits_to_keep` as a boolean mask, so the head runs at targets only.
     """
-    sel = batch.targets_BT != -100
-    logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=sel).logits
-    targets_N = batch.targets_BT[sel]
-    nll = F.cross_entropy(logits_NV.float(), targets_N, reduction="sum")
-    return nll, int(targets_N.numel())
+    sel_BT = batch.targets_BT != -100
+    logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=sel_BT).logits
+    logp_N = -F.cross_entropy(logits_NV.float(), batch.targets_BT[sel_BT], reduction="none")
+    return logp_N, sel_BT
+
+
+def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(target), number of targets) over the batch, LM head at targets only."""
+    logp_N, _ = target_logprobs(model, batch)
+    return -logp_N.sum(), int(logp_N.numel())
+
+
+def is_packed(batch: Batch) -> bool:
+    """True when the samples share one row (one sample in one row reads the same either way)."""
+    return batch.input_ids_BT.shape[0] != len(batch.seq_lens)
+
+
+def sample_index(batch: Batch) -> torch.Tensor:
+    """[B, T] long: which sample each position belongs to (padding: its row's sample)."""
+    B, T = batch.input_ids_BT.shape
+    device = batch.input_ids_BT.device
+    if is_packed(batch):
+        lens = torch.as_tensor(batch.seq_lens, device=device)
+        return torch.repeat_interleave(torch.arange(len(lens), device=device), lens)[None]
+    return torch.arange(B, device=device)[:, None].expand(B, T)
+
+
+def target_logprob_sums(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums_S, counts_S): per-sample sum of log p(target) and number of targets, padded or packed.
+
+    Sequence log-likelihoods for DPO (divide by counts for IPO's length-averaged logps); the LM
+    head runs at targets only, as in `target_nll`.
+    """
+    logp_N, sel_BT = target_logprobs(model, batch)
+    sample_N = sample_index(batch)[sel_BT]
+    S = len(batch.seq_lens)
+    sums_S = logp_N.new_zeros(S).index_add(0, sample_N, logp_N)
+    return sums_S, torch.bincount(sample_N, minlength=S)
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch, aux_loss_coef: float = 0.0) -> dict[str, Any]:

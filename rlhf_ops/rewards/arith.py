@@ -1,6 +1,6 @@
 """Verifiable reward for the built-in arithmetic task (rlhf_ops.data.arith).
 
-    reward_func(queries, prompts, labels) -> list[float]
+    reward_func(queries, prompts, labels) -> {"rewards": [...], "extra_logs": {"accuracy": [...]}}
 
 Per sample, with completion = the query minus its prompt:
     1.0  the completion's last "Answer: N" equals the label (compared as integers);
@@ -31,8 +31,14 @@ def score(completion: str, label: str) -> float:
     return FORMAT_BONUS if extract_answer(completion) is not None else 0.0
 
 
-def reward_func(queries: list[str], prompts: list[str], labels: list[str]) -> list[float]:
+def rewards(queries: list[str], prompts: list[str], labels: list[str]) -> list[float]:
     """Rewards for a batch; the three lists are parallel."""
     if not len(queries) == len(prompts) == len(labels):
         raise ValueError(f"queries, prompts and labels differ in length: {len(queries)}, {len(prompts)}, {len(labels)}")
     return [score(completion_of(q, p), str(lab)) for q, p, lab in zip(queries, prompts, labels)]
+
+
+def reward_func(queries: list[str], prompts: list[str], labels: list[str]) -> dict:
+    """The RL loop's entry point: rewards plus per-sample accuracy, logged as a metric."""
+    r = rewards(queries, prompts, labels)
+    return {"rewards": r, "extra_logs": {"accuracy": [float(x == 1.0) for x in r]}}

@@ -71,6 +71,7 @@ class SupervisedLoop:
         self.steps_per_epoch = steps_per_epoch(data.num_train, cfg.train_batch_size)
         self.total_steps = self.steps_per_epoch * cfg.max_epochs
         self.global_step = 0
+        self._last_eval: tuple[int, dict[str, float]] | None = None  # (step, result) of the latest evaluate()
 
     def fit(self) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -96,7 +97,7 @@ class SupervisedLoop:
                 self.global_step += 1
                 bar.update(1)
                 if self.global_step % cfg.logging_steps == 0:
-                    logs = sums.reduce()
+                    logs = self.derived_metrics(sums.reduce())
                     logs.update(lr=eng.lr, epoch=epoch, seconds=time.perf_counter() - t0)
                     self.metrics.log(self.global_step, logs)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "acc")})
@@ -108,9 +109,19 @@ class SupervisedLoop:
                                          {"global_step": self.global_step, "epoch": epoch, "micro": i + 1},
                                          cfg.max_ckpt_num)
         bar.close()
-        final = self.evaluate()
-        ckpt.save_hf_model(eng.module, self.tokenizer, cfg.save_path, {"metrics.jsonl": str(self.metrics.path)})
+        # the end-of-training eval, unless --eval_steps just evaluated this very step (no duplicate row)
+        final = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.global_step else self.evaluate()
+        self.save_model()
         return final
+
+    def save_model(self) -> None:
+        """The final Hugging Face save; a stage that stores more (a reward model's head name) extends it."""
+        ckpt.save_hf_model(self.engine.module, self.tokenizer, self.cfg.save_path,
+                           {"metrics.jsonl": str(self.metrics.path)})
+
+    def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the reduced means (e.g. a std from E[x] and E[x^2]); identity here."""
+        return means
 
     def _resume(self) -> tuple[int, int]:
         state = ckpt.load_checkpoint({"model": self.engine.module}, self.cfg.ckpt_path) if self.cfg.load_checkpoint else None
@@ -140,8 +151,9 @@ class SupervisedLoop:
             if c < len(chunks):
                 sums.add(m)
         eng.module.train()
-        result = sums.reduce()
+        result = self.derived_metrics(sums.reduce())
         self.metrics.log(self.global_step, result, split="eval")
+        self._last_eval = (self.global_step, result)
         if eng.rank == 0:
             logger.info("%s eval @ step %d: %s", self.name, self.global_step,
                         ", ".join(f"{k}={v:.4f}" for k, v in result.items()))

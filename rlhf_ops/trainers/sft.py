@@ -83,13 +83,14 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     from rlhf_ops.trainers.loop import LoopData, SupervisedLoop, steps_per_epoch
     from rlhf_ops.utils.tracking import MetricsLogger
 
-    rank, world = init_distributed()
     torch.manual_seed(cfg.seed)
+    # data first: bad data is refused before DeepSpeed and the process group start (seconds per rank)
     tokenizer = load_tokenizer(cfg.pretrain, cfg.tokenizer_chat_template)
     train = build_sft_set(cfg, tokenizer, cfg.dataset, cfg.dataset_split, cfg.dataset_probs, cfg.max_samples)
     evals = build_sft_set(cfg, tokenizer, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     logger.info("SFT data: %d train rows (%d tokens), %d eval rows", len(train), train.num_tokens,
                 len(evals) if evals else 0)
+    rank, world = init_distributed()
     model = load_causal_lm(cfg.pretrain, bf16=cfg.bf16, flash_attn=cfg.flash_attn, use_liger_kernel=cfg.use_liger_kernel,
                            ds_config=ds_config(cfg, world), load_in_4bit=cfg.load_in_4bit)
     model = apply_lora(model, cfg)

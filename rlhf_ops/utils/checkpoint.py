@@ -112,9 +112,16 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().cpu().clone() for k, v in sd.items()} if rank0 and sd is not None else None
 
 
-def save_hf_model(engine: Any, tokenizer: Any, save_path: str, extra_files: dict[str, str] | None = None) -> None:
-    """Write the model (safetensors + config) and tokenizer to `save_path` atomically."""
+def save_hf_model(engine: Any, tokenizer: Any, save_path: str, extra_files: dict[str, str] | None = None,
+                  key_prefixes: dict[str, str] | None = None) -> None:
+    """Write the model (safetensors + config) and tokenizer to `save_path` atomically.
+
+    `key_prefixes` renames state-dict keys on disk, e.g. {"score.": "value_head."} for a reward
+    model saved under `--value_head_prefix value_head` (see `models.reward`).
+    """
     sd = full_state_dict(engine)
+    if sd is not None and key_prefixes:
+        sd = {_renamed(k, key_prefixes): v for k, v in sd.items()}
     if sd is not None:
         with atomic_dir(save_path) as tmp:
             engine.module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
@@ -124,3 +131,10 @@ def save_hf_model(engine: Any, tokenizer: Any, save_path: str, extra_files: dict
                     shutil.copyfile(src, tmp / name)
         logger.info("saved model to %s", save_path)
     _barrier()
+
+
+def _renamed(key: str, prefixes: dict[str, str]) -> str:
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key

@@ -81,3 +81,11 @@ def _start_wandb(key: str, project: str, group: str | None, name: str | None, co
 def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
     rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
     return [r for r in rows if split is None or r.get("split") == split]
+
+
+def run_metrics(cfg: Any, rank: int) -> MetricsLogger:
+    """The metrics logger of a training run from its TrainOptions: `<ckpt_path>/metrics.jsonl` + trackers."""
+    return MetricsLogger(os.path.join(cfg.ckpt_path, "metrics.jsonl"), enabled=rank == 0,
+                         tensorboard_dir=cfg.use_tensorboard, use_wandb=cfg.use_wandb,
+                         wandb_project=cfg.wandb_project, wandb_group=cfg.wandb_group,
+                         wandb_run_name=cfg.wandb_run_name, config=vars(cfg))

@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_ops.data.arith import (Problem, corrupt_solution, extract_answer, final_value, is_correct,
                                  make_problems)
-from rlhf_ops.rewards.arith import FORMAT_BONUS, reward_func
+from rlhf_ops.rewards.arith import FORMAT_BONUS, reward_func, rewards as reward_list
 
 
 def _eval_steps(steps: list[str]) -> None:
@@ -94,14 +94,16 @@ def test_reward_func():
                prompt + "47 + 38 = 84\n84 - 19 = 65\nAnswer: 65",
                prompt + "I don't know",
                "<s>" + prompt + "Answer: 66"]  # prompt not at the start: cut after it
-    rewards = reward_func(queries, [prompt] * 4, ["66"] * 4)
+    rewards = reward_list(queries, [prompt] * 4, ["66"] * 4)
     assert rewards == [1.0, FORMAT_BONUS, 0.0, 1.0]
     assert all(isinstance(r, float) for r in rewards)
-    assert reward_func([], [], []) == []
+    assert reward_func(queries, [prompt] * 4, ["66"] * 4) == {
+        "rewards": [1.0, FORMAT_BONUS, 0.0, 1.0], "extra_logs": {"accuracy": [1.0, 0.0, 0.0, 1.0]}}
+    assert reward_list([], [], []) == []
     with pytest.raises(ValueError, match="length"):
         reward_func(["a"], [], ["1"])
 
 
 def test_reward_ignores_answers_inside_the_prompt():
     prompt = "User: Answer: 5\nAssistant: "
-    assert reward_func([prompt + "no answer"], [prompt], ["5"]) == [0.0]
+    assert reward_list([prompt + "no answer"], [prompt], ["5"]) == [0.0]

@@ -1,0 +1,105 @@
+"""The one generator interface of the RL loop, and its default backend: Hugging Face `generate`.
+
+A backend takes token-id prompts and returns token-id completions; everything about tensors,
+padding and stopping stays inside it. The RL loop only ever calls `generate(...)` and, after
+each actor update, `sync_weights(...)`, so a vLLM backend (the Ray/vLLM issue) drops in behind
+the same two calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    max_new_tokens: int = 1024
+    top_p: float = 1.0
+    seed: int | None = None  # per-call seed: the same seed and weights give the same samples
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """One completion per prompt (repeat a prompt to sample it several times)."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the next `generate` use `model`'s current weights."""
+
+
+class HFGenerator:
+    """Sampling with `model.generate` on the training model itself (the CPU default).
+
+    Prompts are left-padded into micro-batches of `micro_batch_size`; a completion ends at (and
+    includes) the first EOS, or at `max_new_tokens`. Under ZeRO-3 the full weights are gathered
+    for the duration of a call.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, micro_batch_size: int = 16):
+        self.model, self.tokenizer, self.micro_batch_size = model, tokenizer, micro_batch_size
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # generation runs on the live training weights: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        from rlhf_ops.models.forward import unwrap
+
+        hf = unwrap(self.model)
+        was_training = hf.training
+        hf.eval()
+        gen = torch.Generator(device="cpu")
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        out: list[list[int]] = []
+        try:
+            with _gathered(self.model):
+                for i in range(0, len(prompts), self.micro_batch_size):
+                    out += self._generate_batch(hf, prompts[i:i + self.micro_batch_size], params, gen)
+        finally:
+            hf.train(was_training)
+        return out
+
+    def _generate_batch(self, hf: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        gen: torch.Generator) -> list[list[int]]:
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        att = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.as_tensor(p)
+            att[r, width - len(p):] = 1
+        device = next(hf.parameters()).device
+        sample = params.temperature > 0
+        # a seed drawn from our generator makes sampling reproducible for a given call seed
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        seqs = hf.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=sample,
+                           temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
+                           top_k=0 if sample else None, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
+                           eos_token_id=eos, use_cache=True)
+        return [_until_eos(row[width:].tolist(), eos) for row in seqs.cpu()]
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    if eos is not None and eos in tokens:
+        return tokens[: tokens.index(eos) + 1]
+    return tokens
+
+
+class _gathered:
+    """Gather ZeRO-3 partitioned weights for generation (no-op otherwise)."""
+
+    def __init__(self, model: torch.nn.Module):
+        params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        self.ctx = None
+        if params:
+            import deepspeed
+            self.ctx = deepspeed.zero.GatheredParameters(params)
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False

@@ -1,0 +1,77 @@
+"""One pass of policy (and value) updates over an `Experience`.
+
+The experience is shuffled and cut into --train_batch_size mini-batches (one optimizer step
+each), themselves cut into --micro_train_batch_size micro-batches that the DeepSpeed engine
+accumulates. The estimator changes only the loss aggregation (Dr. GRPO: token sums over a
+constant, --generate_max_len) and whether a KL term joins the loss (--use_kl_loss).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf_ops.algos.losses import entropy_loss, kl_loss, ppo_policy_loss, value_loss
+from rlhf_ops.rl.experience import Experience
+from rlhf_ops.rl.forward import action_logprobs, action_values, response_batch, to_BT
+
+
+def _micro(exp: Experience, idx: list[int], pad_id: int, packed: bool, device: Any):
+    resp = [exp.response_lens[i] for i in idx]
+    T = max(resp)
+    batch = response_batch([exp.sequences[i] for i in idx], [exp.prompt_lens[i] for i in idx], pad_id, packed).to(device)
+    take = lambda t: None if t is None else t[idx, :T].to(device)  # noqa: E731
+    return batch, resp, take
+
+
+def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: float, pad_id: int) -> dict[str, float]:
+    batch, resp, take = _micro(exp, idx, pad_id, cfg.packing_samples, engine.module.device)
+    logp_N, ent_N = action_logprobs(engine.module, batch, cfg.temperature, with_entropy=True)
+    logp_BT, mask_BT = to_BT(logp_N, resp), take(exp.mask_BT)
+    dr = cfg.advantage_estimator == "dr_grpo"
+    agg = dict(loss_agg="seq_mean_token_sum_norm" if dr else "token_mean",
+               norm_constant=float(cfg.generate_max_len) if dr else None)
+    pl = ppo_policy_loss(logp_BT, take(exp.old_logp_BT), take(exp.advantages_BT), mask_BT,
+                         clip_eps_low=cfg.eps_clip, clip_eps_high=cfg.eps_clip, **agg)
+    ent = entropy_loss(to_BT(ent_N.detach() if cfg.entropy_loss_coef == 0 else ent_N, resp), mask_BT, **agg)
+    loss = pl.loss - cfg.entropy_loss_coef * ent
+    out = {"policy_loss": pl.loss.item(), "clip_frac": pl.clip_frac.item(), "approx_kl": pl.approx_kl.item(),
+           "entropy": ent.item()}
+    if cfg.use_kl_loss and exp.ref_logp_BT is not None:
+        kl = kl_loss(logp_BT, take(exp.ref_logp_BT), mask_BT, kind=cfg.kl_estimator, **agg)
+        loss = loss + kl_coef * kl
+        out["kl_loss"] = kl.item()
+    if not torch.isfinite(loss.detach()):
+        raise FloatingPointError(f"non-finite actor loss {loss.item()} ({', '.join(f'{k} {v:.4g}' for k, v in out.items())}) "
+                                 f"on the micro-batch of experience rows {idx}")
+    engine.backward_step(loss)
+    return out
+
+
+def critic_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, pad_id: int) -> dict[str, float]:
+    batch, resp, take = _micro(exp, idx, pad_id, cfg.packing_samples, engine.module.device)
+    values_BT = to_BT(action_values(engine.module, batch), resp)
+    vl = value_loss(values_BT, take(exp.values_BT), take(exp.returns_BT), take(exp.mask_BT), clip_eps=cfg.value_clip)
+    if not torch.isfinite(vl.loss.detach()):
+        raise FloatingPointError(f"non-finite value loss {vl.loss.item()} on the micro-batch of experience rows {idx}")
+    engine.backward_step(vl.loss)
+    return {"value_loss": vl.loss.item(), "value_clip_frac": vl.clip_frac.item()}
+
+
+def train_on(exp: Experience, actor: Any, critic: Any | None, cfg: Any, kl_coef: float, pad_id: int,
+             train_actor: bool, seed: int) -> dict[str, float]:
+    """--max_epochs passes over the experience; returns metrics averaged over micro-batches."""
+    sums: dict[str, float] = {}
+    n = 0
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.max_epochs):
+        order = torch.randperm(len(exp), generator=g).tolist()
+        for i in range(0, len(order), cfg.micro_train_batch_size):
+            idx = order[i:i + cfg.micro_train_batch_size]
+            m = actor_step(actor, exp, idx, cfg, kl_coef, pad_id) if train_actor else {}
+            if critic is not None:
+                m.update(critic_step(critic, exp, idx, cfg, pad_id))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in sums.items()}

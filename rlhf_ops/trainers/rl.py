@@ -1,0 +1,136 @@
+"""The RL loop: one loop for PPO, REINFORCE++, REINFORCE++-baseline, RLOO, GRPO and Dr. GRPO.
+
+    for episode: for step:  sample G completions of --rollout_batch_size prompts
+                            score them (reward function and/or reward model)
+                            reference/old logprobs, values -> advantages (the estimator's one `match`)
+                            --max_epochs passes of clipped policy (+ value) updates
+
+The estimator is a config value: only `compute_advantages` and the loss aggregation look at it.
+Checkpoints hold actor and critic engines (weights, optimizers, schedulers), the data cursor,
+RNG states and the KL controller, so `--load_checkpoint` resumes exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from rlhf_ops.generation.base import SamplingParams
+from rlhf_ops.rl.config import RLConfig
+from rlhf_ops.rl.experience import Experience, Models, keep_groups, make_experience, sample
+from rlhf_ops.rl.setup import RLSetup, build
+from rlhf_ops.rl.update import train_on
+from rlhf_ops.utils import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+
+def collect(s: RLSetup, cursor: int, order: list[int], step: int) -> tuple[Experience | None, int, dict]:
+    """Sample and score the rollout of optimizer step `step` (1-based) until --rollout_batch_size groups are
+    kept; None when prompts run out. Sampling is seeded by (--seed + step - 1, refill try)."""
+    cfg, G = s.cfg, s.cfg.n_samples_per_prompt
+    step_seed = cfg.seed + step - 1
+    seqs: list[list[int]] = []
+    plens: list[int] = []
+    rows: list[int] = []
+    scores = []
+    t_gen = t_score = 0.0
+    filtered = 0
+    tries = 0
+    while len(seqs) < cfg.rollout_batch_size * G:
+        need = cfg.rollout_batch_size - len(seqs) // G
+        if cursor + need > len(order):
+            return None, cursor, {}
+        idx = order[cursor:cursor + need]
+        cursor += need
+        t0 = time.perf_counter()
+        params = SamplingParams(cfg.temperature, cfg.generate_max_len, cfg.top_p, seed=step_seed * 1000 + tries)
+        q, p, r = sample(s.models, s.prompts, idx, G, params)  # sequences, prompt lens, prompt rows
+        t1 = time.perf_counter()
+        sc = s.models.score(s.prompts, q, r, p, batch=f"the rollout of step {step}" + (f" (refill {tries})" if tries else "")
+                            + f", prompt rows {idx[:8]}" + ("..." if len(idx) > 8 else ""))
+        t_score += time.perf_counter() - t1
+        t_gen += t1 - t0
+        keep = [True] * len(idx)
+        if cfg.dynamic_filtering:
+            keep = keep_groups(sc.rewards, G, *cfg.dynamic_filtering_reward_range).tolist()
+            filtered += keep.count(False)
+        for j, k in enumerate(keep):
+            if k:
+                sl = slice(j * G, (j + 1) * G)
+                seqs += q[sl]
+                plens += p[sl]
+                rows += r[sl]
+                scores.append((sc.rewards[sl], {n: v[sl] for n, v in sc.extra.items()}))
+        tries += 1
+    from rlhf_ops.rl.rewards import Scores
+    merged = Scores(torch.cat([x[0] for x in scores]),
+                    {n: torch.cat([x[1][n] for x in scores]) for n in scores[0][1]} if scores else {})
+    exp = make_experience(s.models, cfg, seqs, plens, merged, s.kl.value)
+    for name in ("old_logp_BT", "ref_logp_BT", "values_BT", "advantages_BT", "returns_BT"):
+        t = getattr(exp, name)
+        bad = None if t is None else t[exp.mask_BT][~torch.isfinite(t[exp.mask_BT])]
+        if bad is not None and bad.numel():
+            raise FloatingPointError(f"non-finite {name[:-3]} in the rollout ({bad.numel()} tokens, e.g. {bad[0].item()})")
+    exp.metrics.update(time_generate=t_gen, time_score=t_score, filtered_groups=float(filtered))
+    return exp, cursor, {}
+
+
+def train_rl(cfg: RLConfig) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    s = build(cfg)
+    steps_per_episode = len(s.prompts) // cfg.rollout_batch_size
+    if steps_per_episode == 0:
+        from rlhf_ops.config import ConfigError
+        raise ConfigError(f"--rollout_batch_size {cfg.rollout_batch_size} is larger than the prompt set ({len(s.prompts)} prompts)")
+    state = ckpt.load_checkpoint(s.engines(), cfg.ckpt_path) if cfg.load_checkpoint else None
+    step, episode, cursor = (state["global_step"], state["episode"], state["cursor"]) if state else (0, 0, 0)
+    if state:
+        s.kl.load_state_dict(state["kl"])
+    s.metrics.truncate_after(step)
+    if step == 0 and s.eval_prompts is not None:
+        s.evaluate(step)
+    bar = tqdm(total=steps_per_episode * cfg.num_episodes, initial=step, desc="rl")
+    final: dict[str, float] = {}
+    while episode < cfg.num_episodes:
+        order = torch.randperm(len(s.prompts), generator=torch.Generator().manual_seed(cfg.seed + episode)).tolist()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                exp, cursor, _ = collect(s, cursor, order, step + 1)
+                if exp is None:
+                    break
+                t1 = time.perf_counter()
+                train_actor = step >= cfg.freezing_actor_steps
+                m = train_on(exp, s.actor, s.critic, cfg, s.kl.value, s.pad_id, train_actor, cfg.seed + step)
+            except FloatingPointError as e:
+                raise FloatingPointError(
+                    f"rl: {e} at step {step + 1} (episode {episode}); nothing of this step was saved; last good "
+                    f"checkpoint: {ckpt.latest_checkpoint(cfg.ckpt_path) or 'none'} in {cfg.ckpt_path}") from e
+            s.generator.sync_weights(s.actor.module)
+            s.kl.update(exp.metrics["kl"], len(exp))
+            step += 1
+            bar.update(1)
+            logs = {**exp.metrics, **m, "kl_coef": s.kl.value, "time_train": time.perf_counter() - t1,
+                    "time_step": time.perf_counter() - t0, "episode": episode, "lr": s.actor.lr}
+            if step % cfg.logging_steps == 0:
+                s.metrics.log(step, logs)
+            bar.set_postfix(reward=f"{logs['reward']:.3f}", kl=f"{logs['kl']:.4f}")
+            if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and s.eval_prompts is not None:
+                final = s.evaluate(step)
+            if cfg.save_steps > 0 and step % cfg.save_steps == 0:
+                ckpt.save_checkpoint(s.engines(), cfg.ckpt_path, step,
+                                     {"global_step": step, "episode": episode, "cursor": cursor,
+                                      "kl": s.kl.state_dict()}, cfg.max_ckpt_num)
+        episode, cursor = episode + 1, 0
+    bar.close()
+    if s.eval_prompts is not None and (cfg.eval_steps <= 0 or step % cfg.eval_steps):
+        final = s.evaluate(step)
+    s.save()
+    s.metrics.close()
+    return final
