@@ -8,13 +8,13 @@ T = TypeVar("T")
 
 
 def run_stage(prog: str, fn: Callable[[Any], T], cfg: Any) -> T:
-    """Run a stage; bad input (config or data) exits with one clear line instead of a traceback."""
+    """Run a stage; bad input (config, data, rewards) or a non-finite loss exits with one clear line."""
     from rlhf_ops.config import ConfigError
     from rlhf_ops.data.sources import DataError
     from rlhf_ops.rl.rewards import RewardError
 
     try:
         return fn(cfg)
-    except (ConfigError, DataError, RewardError) as e:
+    except (ConfigError, DataError, RewardError, FloatingPointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -73,13 +73,21 @@ class HFGenerator:
             att[r, width - len(p):] = 1
         device = next(hf.parameters()).device
         sample = params.temperature > 0
-        # a seed drawn from our generator makes sampling reproducible for a given call seed
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        seqs = hf.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=sample,
+        # a seed drawn from our generator makes sampling reproducible for a given call seed, in a
+        # forked RNG so that the caller's global random state (dropout, data order) is untouched
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            seqs = self._sample(hf, ids.to(device), att.to(device), params, sample)
+        return [_until_eos(row[width:].tolist(), eos) for row in seqs.cpu()]
+
+    def _sample(self, hf: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, params: SamplingParams,
+                sample: bool) -> torch.Tensor:
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        return hf.generate(input_ids=ids, attention_mask=att, do_sample=sample,
                            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
                            top_k=0 if sample else None, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
                            eos_token_id=eos, use_cache=True)
-        return [_until_eos(row[width:].tolist(), eos) for row in seqs.cpu()]
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:

@@ -144,7 +144,7 @@ def build(cfg: RLConfig) -> RLSetup:
     # never wrapped in an engine, so they load whole (ds_config None): a partitioned one has empty weights.
     lm = lambda path, c=conf: load_causal_lm(path, bf16=cfg.bf16, flash_attn=cfg.flash_attn, ds_config=c)  # noqa: E731
     actor = create_engine(apply_lora(lm(cfg.pretrain), cfg), cfg, steps, lr=cfg.actor_learning_rate)
-    ref = _frozen(lm(cfg.pretrain)) if (cfg.init_kl_coef > 0 or cfg.use_kl_loss) else None
+    ref = _frozen(lm(cfg.pretrain, None)) if (cfg.init_kl_coef > 0 or cfg.use_kl_loss) else None
     vm = lambda path, c=conf: load_value_model(path, value_head_prefix=cfg.value_head_prefix, bf16=cfg.bf16,  # noqa: E731
                                                flash_attn=cfg.flash_attn, ds_config=c, pad_token_id=tok.pad_token_id)
     rm = _frozen(vm(cfg.reward_pretrain, None)) if cfg.reward_pretrain else None

@@ -42,8 +42,8 @@ def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: 
         loss = loss + kl_coef * kl
         out["kl_loss"] = kl.item()
     if not torch.isfinite(loss.detach()):
-        raise FloatingPointError(f"non-finite actor loss {loss.item()} ({', '.join(f'{k} {v:.4g}' for k, v in out.items())}) "
-                                 f"on the micro-batch of experience rows {idx}")
+        parts = ", ".join(f"{k} {v:.4g}" for k, v in out.items())
+        raise FloatingPointError(f"non-finite actor loss {loss.item()} ({parts}) on the micro-batch of experience rows {idx}")
     engine.backward_step(loss)
     return out
 

@@ -51,8 +51,8 @@ def collect(s: RLSetup, cursor: int, order: list[int], step: int) -> tuple[Exper
         params = SamplingParams(cfg.temperature, cfg.generate_max_len, cfg.top_p, seed=step_seed * 1000 + tries)
         q, p, r = sample(s.models, s.prompts, idx, G, params)  # sequences, prompt lens, prompt rows
         t1 = time.perf_counter()
-        sc = s.models.score(s.prompts, q, r, p, batch=f"the rollout of step {step}" + (f" (refill {tries})" if tries else "")
-                            + f", prompt rows {idx[:8]}" + ("..." if len(idx) > 8 else ""))
+        name = f"the rollout of step {step}" + (f" (refill {tries})" if tries else "")
+        sc = s.models.score(s.prompts, q, r, p, batch=f"{name}, prompt rows {idx[:8]}" + ("..." if len(idx) > 8 else ""))
         t_score += time.perf_counter() - t1
         t_gen += t1 - t0
         keep = [True] * len(idx)
