@@ -24,7 +24,9 @@ def _micro(exp: Experience, idx: list[int], pad_id: int, packed: bool, device: A
     return batch, resp, take
 
 
-def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: float, pad_id: int) -> dict[str, float]:
+def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: float, pad_id: int,
+               scale: float = 1.0) -> dict[str, float]:
+    """One micro-batch of the clipped policy loss (+ KL loss, - entropy bonus); backward x `scale`."""
     batch, resp, take = _micro(exp, idx, pad_id, cfg.packing_samples, engine.module.device)
     logp_N, ent_N = action_logprobs(engine.module, batch, cfg.temperature, with_entropy=True)
     logp_BT, mask_BT = to_BT(logp_N, resp), take(exp.mask_BT)
@@ -44,34 +46,57 @@ def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: 
     if not torch.isfinite(loss.detach()):
         parts = ", ".join(f"{k} {v:.4g}" for k, v in out.items())
         raise FloatingPointError(f"non-finite actor loss {loss.item()} ({parts}) on the micro-batch of experience rows {idx}")
-    engine.backward_step(loss)
+    engine.backward_step(loss * scale)
     return out
 
 
-def critic_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, pad_id: int) -> dict[str, float]:
+def critic_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, pad_id: int,
+                scale: float = 1.0) -> dict[str, float]:
+    """One micro-batch of the clipped value loss; backward x `scale`."""
     batch, resp, take = _micro(exp, idx, pad_id, cfg.packing_samples, engine.module.device)
     values_BT = to_BT(action_values(engine.module, batch), resp)
     vl = value_loss(values_BT, take(exp.values_BT), take(exp.returns_BT), take(exp.mask_BT), clip_eps=cfg.value_clip)
     if not torch.isfinite(vl.loss.detach()):
         raise FloatingPointError(f"non-finite value loss {vl.loss.item()} on the micro-batch of experience rows {idx}")
-    engine.backward_step(vl.loss)
+    engine.backward_step(vl.loss * scale)
     return {"value_loss": vl.loss.item(), "value_clip_frac": vl.clip_frac.item()}
+
+
+def token_mean_scales(resp_lens: list[int], micro_batches: list[list[int]]) -> list[float]:
+    """Per-micro-batch loss scales that turn DeepSpeed's average of micro-batch token means into
+    the token mean of the whole optimizer step (so micro-batch size never changes the gradient).
+
+    A micro-batch's token mean times (its tokens x accumulation steps / the step's tokens),
+    averaged over the accumulation steps, is the step's token sum over the step's tokens.
+    """
+    tokens = [sum(resp_lens[i] for i in mb) for mb in micro_batches]
+    total = sum(tokens)
+    return [t * len(micro_batches) / total for t in tokens]
 
 
 def train_on(exp: Experience, actor: Any, critic: Any | None, cfg: Any, kl_coef: float, pad_id: int,
              train_actor: bool, seed: int) -> dict[str, float]:
-    """--max_epochs passes over the experience; returns metrics averaged over micro-batches."""
+    """--max_epochs passes over the experience; returns metrics averaged over micro-batches.
+
+    Each --train_batch_size slice of the shuffled experience is one optimizer step. Token-mean
+    losses are normalised by the step's tokens (`token_mean_scales`); Dr. GRPO's constant
+    normaliser needs no rescaling.
+    """
     sums: dict[str, float] = {}
     n = 0
     g = torch.Generator().manual_seed(seed)
+    mb = cfg.micro_train_batch_size
     for _ in range(cfg.max_epochs):
         order = torch.randperm(len(exp), generator=g).tolist()
-        for i in range(0, len(order), cfg.micro_train_batch_size):
-            idx = order[i:i + cfg.micro_train_batch_size]
-            m = actor_step(actor, exp, idx, cfg, kl_coef, pad_id) if train_actor else {}
-            if critic is not None:
-                m.update(critic_step(critic, exp, idx, cfg, pad_id))
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
+        for start in range(0, len(order), cfg.train_batch_size):
+            step = order[start:start + cfg.train_batch_size]
+            micro = [step[i:i + mb] for i in range(0, len(step), mb)]
+            scales = [1.0] * len(micro) if cfg.advantage_estimator == "dr_grpo" else token_mean_scales(exp.response_lens, micro)
+            for idx, scale in zip(micro, scales):
+                m = actor_step(actor, exp, idx, cfg, kl_coef, pad_id, scale) if train_actor else {}
+                if critic is not None:
+                    m.update(critic_step(critic, exp, idx, cfg, pad_id, scale))
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
     return {k: v / n for k, v in sums.items()}

@@ -98,9 +98,8 @@ def _train(cfg, model_dir, exp, micro, monkeypatch, with_critic):
 
 @pytest.mark.parametrize("estimator,equal_lengths", [("group_norm", True), ("gae", True), ("dr_grpo", False)])
 def test_train_on_is_micro_batch_invariant(cfg, model_dir, monkeypatch, estimator, equal_lengths):
-    # One optimizer step over 8 samples as 1 x 8, 4 x 2 or 8 x 1 micro-batches (DeepSpeed accumulation). token_mean
-    # per micro-batch, averaged over the accumulation steps, equals the token mean of the whole step only when every
-    # response has the same length; dr_grpo's constant normaliser makes any lengths invariant.
+    # One optimizer step over 8 samples as 1 x 8, 4 x 2 or 8 x 1 micro-batches (DeepSpeed accumulation); the token
+    # mean is taken over the whole step (train_on rescales each micro-batch), dr_grpo's normaliser is a constant.
     from rlhf_ops.distributed.engine import init_distributed
     init_distributed()
     c = dataclasses.replace(cfg, advantage_estimator=estimator)
@@ -116,8 +115,6 @@ def test_train_on_is_micro_batch_invariant(cfg, model_dir, monkeypatch, estimato
                 torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=lambda s: f"micro {m} {n}: {s}")
 
 
-@pytest.mark.xfail(strict=True, reason="token_mean is normalised per micro-batch (as OpenRLHF), not per optimizer "
-                   "step: with unequal response lengths the micro-batch size changes the gradient")
 def test_token_mean_with_unequal_lengths_is_micro_batch_invariant(cfg, model_dir, monkeypatch):
     from rlhf_ops.distributed.engine import init_distributed
     init_distributed()
@@ -252,3 +249,10 @@ def test_keep_groups_drops_flat_groups_and_means_outside_the_range():
     assert keep_groups(r, 2, 0.0, 1.0).tolist() == [False, False, False, True, False, True]
     assert keep_groups(r, 4, 0.0, 1.0).tolist() == [True, True, True]
     assert keep_groups(r, 4, 0.3, 0.9).tolist() == [True, True, False]
+
+
+def test_token_mean_scales_by_hand():
+    from rlhf_ops.rl.update import token_mean_scales
+    # responses of 6, 2, 1 and 3 tokens in micro-batches [0, 1] (8 tokens) and [2, 3] (4 tokens); 12 in the step:
+    # scale = tokens * 2 micro-batches / 12 -> 16/12 and 8/12; mean of (mean_mb * scale) = sum of all / 12
+    assert token_mean_scales([6, 2, 1, 3], [[0, 1], [2, 3]]) == pytest.approx([16 / 12, 8 / 12], abs=1e-12)
