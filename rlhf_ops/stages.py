@@ -34,6 +34,9 @@ class Stage:
     outputs: Callable[[Path], list[Path]]
 
 
+BUILTIN_REWARD = str(REPO_ROOT / "rlhf_ops" / "rewards" / "arith.py")  # the built-in task's verifier
+
+
 def _base_model(run: Path) -> str:
     return str(run / "base_model")
 
@@ -53,6 +56,12 @@ STAGES: dict[str, Stage] = {
             "pretrain": str(r / "sft"), "dataset": str(r / "data" / "prm"), "eval_dataset": str(r / "data" / "prm"),
             "save_path": str(r / "prm"), "ckpt_path": str(r / "ckpt" / "prm")}),
     ), lambda r: [r / "prm"]),
+    "rl": Stage("rl", (
+        Command("rlhf_ops.cli.train_ppo", "rlhf_ops.rl.config:RLConfig", None, lambda r: {
+            "pretrain": str(r / "sft"), "prompt_data": str(r / "data" / "prompts"),
+            "eval_dataset": str(r / "data" / "prompts"), "reward_func": BUILTIN_REWARD,
+            "save_path": str(r / "rl"), "ckpt_path": str(r / "ckpt" / "rl")}),
+    ), lambda r: [r / "rl"]),
 }
 ORDER = ["prep", "sft"]
 
