@@ -32,7 +32,7 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def run(estimator: str, run_dir: Path, out: Path, steps: int) -> dict:
+def run(estimator: str, run_dir: Path, out: Path, steps: int, extra: list[str]) -> dict:
     from rlhf_ops.stages import command_lines
     from rlhf_ops.utils.tracking import read_metrics
 
@@ -40,7 +40,7 @@ def run(estimator: str, run_dir: Path, out: Path, steps: int) -> dict:
     rows_per_step = 16
     argv += SETTINGS[estimator] + ["--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
                                    "--max_samples", str(steps * rows_per_step), "--rollout_batch_size", str(rows_per_step),
-                                   "--eval_steps", str(steps)]
+                                   "--eval_steps", str(steps)] + extra
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,12 +59,13 @@ def main() -> None:
     ap.add_argument("--estimators", default=",".join(SETTINGS))
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--extra", default="", help="more train_ppo flags for every run, e.g. '--actor_learning_rate 1e-4'")
     args = ap.parse_args()
     run_dir = Path(args.run_dir).resolve()
     work = Path(args.out) / "rl_runs"
     rows = []
     for est in args.estimators.split(","):
-        rows.append(run(est, run_dir, work / est, args.steps))
+        rows.append(run(est, run_dir, work / est, args.steps, args.extra.split()))
         print(json.dumps(rows[-1]), flush=True)
     load = os.getloadavg()[0]
     md = ["| estimator | acc before | acc after | reward before | reward after | KL (last 1/4) | steps | wall s |",

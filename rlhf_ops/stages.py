@@ -51,6 +51,11 @@ STAGES: dict[str, Stage] = {
             "pretrain": _base_model(r), "dataset": str(r / "data" / "sft"), "eval_dataset": str(r / "data" / "sft"),
             "save_path": str(r / "sft"), "ckpt_path": str(r / "ckpt" / "sft")}),
     ), lambda r: [r / "sft"]),
+    "rm": Stage("rm", (
+        Command("rlhf_ops.cli.train_rm", "rlhf_ops.trainers.rm:RMConfig", None, lambda r: {
+            "pretrain": str(r / "sft"), "dataset": str(r / "data" / "preference"),
+            "eval_dataset": str(r / "data" / "preference"), "save_path": str(r / "rm"), "ckpt_path": str(r / "ckpt" / "rm")}),
+    ), lambda r: [r / "rm"]),
     "prm": Stage("prm", (
         Command("rlhf_ops.cli.train_prm", "rlhf_ops.trainers.prm:PRMConfig", None, lambda r: {
             "pretrain": str(r / "sft"), "dataset": str(r / "data" / "prm"), "eval_dataset": str(r / "data" / "prm"),
@@ -63,7 +68,7 @@ STAGES: dict[str, Stage] = {
             "save_path": str(r / "rl"), "ckpt_path": str(r / "ckpt" / "rl")}),
     ), lambda r: [r / "rl"]),
 }
-ORDER = ["prep", "sft"]
+ORDER = ["prep", "sft", "rm", "rl"]
 
 
 def params_dir(preset: str, root: Path | None = None) -> Path:

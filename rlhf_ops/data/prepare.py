@@ -203,8 +203,5 @@ def write_dataset(output_dir: str | os.PathLike, preset: str = "tiny", seed: int
     _target_state(out)  # refuse before doing any work
     files = build_files(preset, seed)
     with atomic_dir(out) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         manifest = _write_tree(tmp, files, preset, seed)
     return manifest

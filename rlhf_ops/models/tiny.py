@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,12 +142,11 @@ def make_tiny(output_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool =
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     from transformers.utils import logging as hf_logging
 
-    old = None
-    try:
+    from rlhf_ops.utils.atomic import atomic_dir
+
+    with atomic_dir(out) as tmp:
         tokenizer = build_tokenizer()
         model = build_model(tokenizer, seed=seed, **sizes)
         tokenizer.save_pretrained(tmp)
@@ -161,20 +158,8 @@ def make_tiny(output_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool =
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-        os.chmod(tmp, 0o755)  # mkdtemp (and the safetensors writer) use owner-only modes
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():  # rename(2) replaces an empty directory but not a full one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            os.chmod(f, 0o644)  # the safetensors writer uses an owner-only mode
     return out
 
 

@@ -12,16 +12,14 @@ RNG states and the KL controller, so `--load_checkpoint` resumes exactly.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
-from typing import Any
+
 
 import torch
 
 from rlhf_ops.generation.base import SamplingParams
 from rlhf_ops.rl.config import RLConfig
-from rlhf_ops.rl.experience import Experience, Models, keep_groups, make_experience, sample
+from rlhf_ops.rl.experience import Experience, keep_groups, make_experience, sample
 from rlhf_ops.rl.setup import RLSetup, build
 from rlhf_ops.rl.update import train_on
 from rlhf_ops.utils import checkpoint as ckpt

@@ -107,7 +107,8 @@ def test_target_logprob_sums_match_a_per_sample_forward_padded_and_packed(model_
         for packed in (False, True):
             pb = pair_batch(ps, [0, 1, 2], tiny_tokenizer.pad_token_id, packed=packed, flash_attn=False, device="cpu")
             sums, n = target_logprob_sums(model, pb.batch)
-            torch.testing.assert_close(sums.double(), torch.stack(want), rtol=0, atol=2e-4)
+            # fp32 sums of ~30 logps of ~-6: measured max error 3e-5 (1.5e-7 relative)
+            torch.testing.assert_close(sums.double(), torch.stack(want), rtol=5e-7, atol=1e-6)
             assert n.tolist() == counts
 
 
@@ -232,20 +233,21 @@ print("REFERENCE_FORWARDS", count[0])
 
 
 @pytest.mark.slow
-def test_dpo_raises_the_eval_margin_and_scores_the_reference_once(pref_opts, builtin_data_dir, tmp_path):
-    # 640 pairs x 2 epochs, 32 per step: 40 steps; held-out margin measured 0.0125 (acc 0.56) after 40 steps
-    opts = {**pref_opts, "eval_dataset": builtin_data_dir / "preference", "max_samples": 640, "max_epochs": 2,
-            "train_batch_size": 32, "micro_train_batch_size": 16, "learning_rate": 1e-3, "beta": 0.1,
+def test_dpo_raises_the_eval_margin_and_scores_the_reference_once(pref_opts, first_pairs, tmp_path):
+    # 64 pairs x 10 epochs, 16 per step: 40 steps, evaluated on those pairs. Held-out margins are noise at
+    # this scale (+0.0125 and -0.0025 on the 200 eval pairs after 40 steps of 32 pairs, in two runs).
+    opts = {**pref_opts, "dataset": first_pairs, "eval_dataset": first_pairs, "max_epochs": 10,
+            "train_batch_size": 16, "micro_train_batch_size": 8, "learning_rate": 3e-3, "beta": 0.1,
             "logging_steps": 10, "eval_steps": 20, "save_path": tmp_path / "dpo", "ckpt_path": tmp_path / "ckpt"}
     log = run([sys.executable, "-c", DPO_DRIVER, *argv(opts)])
     forwards = int(log.rsplit("REFERENCE_FORWARDS", 1)[1].split()[0])
-    assert forwards == math.ceil(640 / 16) + math.ceil(200 / 16)  # every pair once; 80 policy micro-steps ran
+    assert forwards == 64 // 8 + 64 // 8  # train + eval pairs once each, while 80 policy micro-steps ran
     evals = metrics(tmp_path / "dpo" / "metrics.jsonl", "eval")
     assert [r["step"] for r in evals] == [20, 40]
     # before training the policy is the reference: margin 0 (test_dpo_starts_at_zero_margin_...)
-    assert 0 < evals[0]["margin"] < evals[1]["margin"], evals
+    assert 0.2 < evals[0]["margin"] < evals[1]["margin"] and evals[1]["acc"] > 0.7, evals  # measured 0.49, 0.89; 0.81
     train = metrics(tmp_path / "dpo" / "metrics.jsonl", "train")
-    assert train[-1]["margin"] > train[0]["margin"] and train[-1]["acc"] > 0.6, train
+    assert train[-1]["margin"] > train[0]["margin"], train
 
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "dpo"))
