@@ -68,7 +68,7 @@ STAGES: dict[str, Stage] = {
             "save_path": str(r / "rl"), "ckpt_path": str(r / "ckpt" / "rl")}),
     ), lambda r: [r / "rl"]),
 }
-ORDER = ["prep", "sft", "rm", "rl"]
+ORDER = ["prep", "sft", "rl"]  # rm and prm run with --stages; left out of `make run` to keep it short
 
 
 def params_dir(preset: str, root: Path | None = None) -> Path:

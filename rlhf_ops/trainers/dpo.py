@@ -18,6 +18,7 @@ chosen and rejected in one forward, padded or packed. The policy is saved like S
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
@@ -53,6 +54,9 @@ class DPOConfig(PreferenceOptions, LoRAOptions, DataOptions, TrainOptions):
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         check(not (self.ipo and self.label_smoothing), "label_smoothing", "is a (c)DPO option; leave it 0 with --ipo")
         check(self.nll_loss_coef >= 0, "nll_loss_coef", f"must be >= 0, got {self.nll_loss_coef}")
+        ref = self.ref_pretrain
+        check(ref is None or not ref.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(ref)),
+              "ref_pretrain", f"{ref} does not exist (expected a model directory or a hub name)")
 
 
 class RefLogps(NamedTuple):

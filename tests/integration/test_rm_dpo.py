@@ -7,11 +7,13 @@
 * DPO raises the eval preference margin, and the frozen reference scores each pair once;
 * the reference's RM command runs under the `deepspeed` launcher and writes a loadable model.
 
-Why the RM test measures training pairs, not held-out ones: the built-in preferences differ by one
-arithmetic slip, and a random tiny model does not learn to verify arithmetic at test scale. Held-out
-accuracy stayed at chance (0.44-0.56 on the 200 eval pairs) after 100-200 steps at lr 3e-3 to 3e-2
-from scratch, and after 62 steps from the tiny preset's SFT model; it is computed and printed here,
-not asserted. DPO, whose signal is per token, does move the held-out margin, and is asserted on it.
+Why the RM and DPO runs are scored on pairs they trained on: a chosen and a rejected solution differ
+by one arithmetic slip, and a random tiny model does not learn to verify arithmetic at test scale.
+Measured held-out RM accuracy (200 eval pairs, in-process torch loop, seed 42): hidden 32, 124-375
+steps at lr 3e-3 to 1e-2: 0.54-0.55; hidden 64, 375-750 steps of 16 pairs (100-220 s): 0.56-0.58 (0.62 at
+best). The held-out accuracy of the RM trained here is printed, not asserted. Fitting the training
+pairs still shows the whole path works: loss, gradients through the DeepSpeed engine, the head, the
+save.
 
 Fast checks of the DPO pieces (per-sample logps, the zero initial margin) run in-process first.
 """
@@ -132,6 +134,20 @@ def test_dpo_starts_at_zero_margin_when_the_policy_is_the_reference(model_dir, t
         assert loss.item() == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("kw,message", [
+    ({"beta": 0.0}, "--beta: must be > 0"),
+    ({"ipo": True, "label_smoothing": 0.1}, "--label_smoothing: is a \\(c\\)DPO option"),
+    ({"label_smoothing": 0.5}, r"--label_smoothing: must be in \[0, 0.5\)"),
+    ({"ref_pretrain": "/no/such/model"}, "--ref_pretrain: /no/such/model does not exist"),
+])
+def test_bad_dpo_options_are_refused_with_the_option_named(kw, message):
+    from rlhf_ops.config import ConfigError
+    from rlhf_ops.trainers.dpo import DPOConfig
+
+    with pytest.raises(ConfigError, match=message):
+        DPOConfig(pretrain="tiny-model", dataset="d", **kw)
+
+
 # ------------------------------------------------------------------------------ slow: real runs
 
 
@@ -159,13 +175,13 @@ def test_rm_fits_its_preferences_and_hf_sequence_classification_scores_identical
     from rlhf_ops.models.reward import load_value_model
     from rlhf_ops.trainers.rm import RMConfig
 
-    # 64 pairs x 40 epochs, 16 pairs per step: 160 steps (about 40 s); training-pair accuracy measured 1.0
+    # 64 pairs x 40 epochs, 16 pairs per step: 160 steps (about 25 s); measured acc 0.92, margin 4.4
     opts = {**pref_opts, "dataset": first_pairs, "eval_dataset": first_pairs, "train_batch_size": 16,
             "micro_train_batch_size": 8, "max_epochs": 40, "learning_rate": 3e-3, "logging_steps": 40,
             "save_path": tmp_path / "rm", "ckpt_path": tmp_path / "ckpt"}
     run([sys.executable, "-m", "rlhf_ops.cli.train_rm", *argv(opts)])
     final = metrics(tmp_path / "rm" / "metrics.jsonl", "eval")[-1]
-    assert final["step"] == 160 and final["acc"] >= 0.9 and final["margin"] > 0.5, final
+    assert final["step"] == 160 and final["acc"] >= 0.8 and final["margin"] > 1.0, final
     assert metrics(tmp_path / "rm" / "metrics.jsonl", "train")[0]["acc"] < 0.8
 
     path = str(tmp_path / "rm")
@@ -235,7 +251,7 @@ print("REFERENCE_FORWARDS", count[0])
 @pytest.mark.slow
 def test_dpo_raises_the_eval_margin_and_scores_the_reference_once(pref_opts, first_pairs, tmp_path):
     # 64 pairs x 10 epochs, 16 per step: 40 steps, evaluated on those pairs. Held-out margins are noise at
-    # this scale (+0.0125 and -0.0025 on the 200 eval pairs after 40 steps of 32 pairs, in two runs).
+    # this scale (-0.0025, acc 0.47, on the 200 eval pairs after 40 steps of 32 pairs at lr 1e-3).
     opts = {**pref_opts, "dataset": first_pairs, "eval_dataset": first_pairs, "max_epochs": 10,
             "train_batch_size": 16, "micro_train_batch_size": 8, "learning_rate": 3e-3, "beta": 0.1,
             "logging_steps": 10, "eval_steps": 20, "save_path": tmp_path / "dpo", "ckpt_path": tmp_path / "ckpt"}
