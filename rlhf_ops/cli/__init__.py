@@ -21,3 +21,17 @@ def run_stage(prog: str, fn: Callable[[Any], T], cfg: Any) -> T:
     finally:
         import gc
         gc.freeze()  # interpreter exit otherwise spends ~5 s walking the objects torch/DeepSpeed left behind
+
+
+def stage_main(prog: str, config_cls: type, train: str, argv: list[str] | None) -> Any:
+    """The body of every training CLI: parse flags/YAML into `config_cls`, then run `train`
+    ("module:function", imported only after parsing so that `--help` and bad flags stay fast)."""
+    import importlib
+
+    from rlhf_ops.config import parse_config
+    from rlhf_ops.utils.logs import setup_logging
+
+    cfg = parse_config(config_cls, argv, prog=prog)
+    setup_logging()
+    module, fn = train.split(":")
+    return run_stage(prog, getattr(importlib.import_module(module), fn), cfg)

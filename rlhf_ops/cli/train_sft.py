@@ -1,20 +1,14 @@
 """`python -m rlhf_ops.cli.train_sft` (also under `deepspeed --module` and `torchrun`)."""
 from __future__ import annotations
 
-from rlhf_ops.cli import run_stage
-from rlhf_ops.config import parse_config
+from rlhf_ops.cli import stage_main
 from rlhf_ops.trainers.sft import SFTConfig
 
 PROG = "python -m rlhf_ops.cli.train_sft"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rlhf_ops.utils.logs import setup_logging
-
-    cfg = parse_config(SFTConfig, argv, prog=PROG)
-    setup_logging()
-    from rlhf_ops.trainers.sft import train_sft
-    return run_stage(PROG, train_sft, cfg)
+    return stage_main(PROG, SFTConfig, "rlhf_ops.trainers.sft:train_sft", argv)
 
 
 if __name__ == "__main__":
