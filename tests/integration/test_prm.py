@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from rlhf_ops.trainers.prm import PRMConfig, batch_maker, build_prm_set, prm_ste
 BIN = Path(sys.executable).parent  # the virtualenv's bin/, which holds the deepspeed launcher
 TINY_SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from rlhf_ops.distributed.engine import free_port as _free_port
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +87,6 @@ def test_training_raises_step_accuracy_on_builtin_rows(model_dir, builtin_data_d
     assert reloaded["loss"] == pytest.approx(after["loss"], rel=1e-4)
     logged = [json.loads(ln) for ln in (Path(cfg.save_path) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["split"] == "train"] == [16, 32, 48, 64, 80, 96, 112]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

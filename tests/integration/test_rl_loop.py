@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import to_argv
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 TEMPLATE = "User: {}\nAssistant: "
@@ -61,16 +63,6 @@ def options(model_dir, data_dir, out: Path, **kw) -> dict:
             "train_batch_size": 4, "micro_train_batch_size": 2, "generate_max_len": 12, "prompt_max_len": 64,
             "actor_learning_rate": 1e-3, "critic_learning_rate": 1e-3, "lr_warmup_ratio": 0, "zero_stage": 0,
             "max_samples": 4, "save_path": out / "actor", "ckpt_path": out / "ckpt", **kw}
-
-
-def to_argv(opts: dict) -> list[str]:
-    argv: list[str] = []
-    for k, v in opts.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", str(v)]
-    return argv
 
 
 def train(opts: dict) -> dict:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,19 +28,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import subprocess_env as env
+from rlhf_ops.distributed.engine import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TEMPLATE = "User: {}\nAssistant: "
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 LOG_TAIL = 6000
-
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    out.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    return out
 
 
 def run(cmd: list[str], cwd: Path = ROOT, timeout: float = 420) -> str:
@@ -267,12 +260,6 @@ def test_dpo_raises_the_eval_margin_and_scores_the_reference_once(pref_opts, fir
 
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "dpo"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -12,9 +12,7 @@ minutes on 2 CPU cores. Every subprocess gets OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,26 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import subprocess_env as _env, to_argv
+from rlhf_ops.distributed.engine import free_port as _free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/, which holds torchrun and deepspeed
 TEMPLATE = "User: {}\nAssistant: "
 PROG = "python -m rlhf_ops.cli.train_sft"
 TINY_SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 LOG_TAIL = 6000
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launcher(nproc: int) -> list[str]:
@@ -70,16 +57,6 @@ def run_sft(argv: list[str], nproc: int = 1, timeout: float = 420) -> str:
     rc, out = _finish(_start(argv, nproc), timeout)
     assert rc == 0, f"exit code {rc}: {' '.join(_launcher(nproc) + argv)}\n{out[-LOG_TAIL:]}"
     return out
-
-
-def to_argv(opts: dict) -> list[str]:
-    argv: list[str] = []
-    for k, v in opts.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", str(v)]
-    return argv
 
 
 def read_jsonl(path: Path) -> list[dict]:
