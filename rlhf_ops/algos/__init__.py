@@ -3,7 +3,7 @@
 Modules: :mod:`.masked` (masked reductions), :mod:`.logprobs` (chunked token logprobs/entropy),
 :mod:`.kl` (KL estimators, KL controllers), :mod:`.advantages` (GAE, returns, group baselines,
 ``compute_advantages``), :mod:`.losses` (PPO policy/value, entropy, KL loss) and
-:mod:`.preference` (pairwise RM, DPO/IPO, PRM losses; re-exported by :mod:`.losses`).
+:mod:`.preference` (pairwise RM, DPO/IPO, PRM losses).
 """
 
 from rlhf_ops.algos.advantages import (

@@ -12,15 +12,6 @@ import torch
 
 from rlhf_ops.algos.kl import KLKind, kl_estimate, kl_k3
 from rlhf_ops.algos.masked import masked_mean, masked_sum
-from rlhf_ops.algos.preference import (
-    DPOLossOut,
-    PairwiseLossOut,
-    PRMLossOut,
-    dpo_loss,
-    pairwise_reward_loss,
-    prm_loss,
-    select_prm_logits,
-)
 
 __all__ = [
     "LossAgg",
@@ -31,14 +22,6 @@ __all__ = [
     "value_loss",
     "entropy_loss",
     "kl_loss",
-    # re-exported from rlhf_ops.algos.preference
-    "PairwiseLossOut",
-    "DPOLossOut",
-    "PRMLossOut",
-    "pairwise_reward_loss",
-    "dpo_loss",
-    "prm_loss",
-    "select_prm_logits",
 ]
 
 LossAgg = Literal["token_mean", "seq_mean_token_sum_norm"]
