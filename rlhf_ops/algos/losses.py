@@ -1,7 +1,7 @@
 """RL-stage losses: clipped PPO policy loss, clipped value loss, entropy and KL terms.
 
 Preference / reward-model losses (pairwise Bradley-Terry, DPO/IPO, PRM) live in
-:mod:`rlhf_ops.algos.preference` and are re-exported here.
+:mod:`rlhf_ops.algos.preference`.
 """
 
 from __future__ import annotations
