@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 TINY_SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the virtualenv's bin/, which holds torchrun and deepspeed
+LOG_TAIL = 6000
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -24,3 +32,31 @@ def to_argv(opts: dict) -> list[str]:
         elif v is not None and v is not False:
             argv += [f"--{k}", str(v)]
     return argv
+
+
+def _launcher(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "rlhf_ops.cli.train_sft"]
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "rlhf_ops.cli.train_sft"]
+
+
+def _start(argv: list[str], nproc: int = 1) -> subprocess.Popen:
+    return subprocess.Popen(_launcher(nproc) + argv, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 420) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, proc.args))}\n{out[-LOG_TAIL:]}")
+    return proc.returncode, out
+
+
+def run_sft(argv: list[str], nproc: int = 1, timeout: float = 420) -> str:
+    """Run the SFT CLI to completion; fail the test with the output's tail if it fails."""
+    rc, out = _finish(_start(argv, nproc), timeout)
+    assert rc == 0, f"exit code {rc}: {' '.join(_launcher(nproc) + argv)}\n{out[-LOG_TAIL:]}"
+    return out
