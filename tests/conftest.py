@@ -51,3 +51,15 @@ def builtin_data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("builtin_data") / "data"
     write_dataset(out, preset=BUILTIN_DATA_PRESET, seed=BUILTIN_DATA_SEED)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """In-process CLI runs configure the root logger; give every test the logging it started with."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
