@@ -26,6 +26,15 @@ def _scaled_chunk(logits_NV: torch.Tensor, temperature: float) -> torch.Tensor:
     return chunk if temperature == 1.0 else chunk / temperature
 
 
+def _rows(logits_BTV: torch.Tensor, temperature: float, chunk_rows: int) -> torch.Tensor:
+    """Check the chunking arguments and flatten [B, T, V] logits to [B*T, V] rows."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return logits_BTV.reshape(-1, logits_BTV.shape[-1])
+
+
 def token_logprobs(
     logits_BTV: torch.Tensor,
     labels_BT: torch.Tensor,
@@ -39,12 +48,8 @@ def token_logprobs(
     ``labels_BT[:, t]``; the caller does the usual one-step shift). Positions with label
     ``-100`` get logprob 0 (and no gradient). Returns float32 (float64 for float64 logits).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    B, T, V = logits_BTV.shape
-    logits_NV = logits_BTV.reshape(B * T, V)
+    logits_NV = _rows(logits_BTV, temperature, chunk_rows)
+    B, T = logits_BTV.shape[:2]
     labels_N = labels_BT.reshape(B * T)
     valid_N = labels_N != IGNORE_INDEX
     safe_labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N))
@@ -65,12 +70,8 @@ def token_entropy(
 
     Chunked over rows like :func:`token_logprobs`. Mask padding with the caller's mask.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    B, T, V = logits_BTV.shape
-    logits_NV = logits_BTV.reshape(B * T, V)
+    logits_NV = _rows(logits_BTV, temperature, chunk_rows)
+    B, T = logits_BTV.shape[:2]
     pieces = []
     for start in range(0, B * T, chunk_rows):
         z = _scaled_chunk(logits_NV[start : start + chunk_rows], temperature)

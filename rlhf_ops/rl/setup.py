@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +125,7 @@ def build(cfg: RLConfig) -> RLSetup:
     from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
     from rlhf_ops.models.lora import apply_lora
     from rlhf_ops.models.reward import load_value_model
-    from rlhf_ops.utils.tracking import MetricsLogger
+    from rlhf_ops.utils.tracking import run_metrics
 
     rank, world = init_distributed()
     if world != 1:
@@ -155,7 +154,5 @@ def build(cfg: RLConfig) -> RLSetup:
     gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size)
     models = Models(actor.module, ref, critic.module if critic else None, gen, make_scorer(cfg, tok, rm), tok.pad_token_id)
     kl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.init_kl_coef)
-    metrics = MetricsLogger(os.path.join(cfg.ckpt_path, "metrics.jsonl"), enabled=rank == 0,
-                            tensorboard_dir=cfg.use_tensorboard, use_wandb=cfg.use_wandb, wandb_project=cfg.wandb_project,
-                            wandb_group=cfg.wandb_group, wandb_run_name=cfg.wandb_run_name, config=vars(cfg))
+    metrics = run_metrics(cfg, rank)
     return RLSetup(cfg, tok, prompts, evals, actor, critic, models, gen, kl, metrics, tok.pad_token_id)

@@ -81,7 +81,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
     from rlhf_ops.models.lora import apply_lora
     from rlhf_ops.trainers.loop import LoopData, SupervisedLoop, steps_per_epoch
-    from rlhf_ops.utils.tracking import MetricsLogger
+    from rlhf_ops.utils.tracking import run_metrics
 
     torch.manual_seed(cfg.seed)
     # data first: bad data is refused before DeepSpeed and the process group start (seconds per rank)
@@ -101,10 +101,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     data = LoopData(len(train), batch_maker(train, pad, cfg.packing_samples, cfg.flash_attn, device),
                     len(evals) if evals else 0,
                     batch_maker(evals, pad, cfg.packing_samples, cfg.flash_attn, device) if evals else None)
-    metrics = MetricsLogger(os.path.join(cfg.ckpt_path, "metrics.jsonl"), enabled=rank == 0,
-                            tensorboard_dir=cfg.use_tensorboard, use_wandb=cfg.use_wandb,
-                            wandb_project=cfg.wandb_project, wandb_group=cfg.wandb_group,
-                            wandb_run_name=cfg.wandb_run_name, config=vars(cfg))
+    metrics = run_metrics(cfg, rank)
     loop = SupervisedLoop(cfg, engine, tokenizer, data, lambda m, b: sft_step(m, b, cfg.aux_loss_coef), metrics, "sft")
     try:
         return loop.fit()
