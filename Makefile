@@ -10,6 +10,10 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup run test clean-run
@@ -26,8 +30,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The whole `rlhf` flow (prep, SFT, RM, RL, eval) on the tiny preset: ephemeral Prefect, each stage
+# a Ray job on a local head bound to 127.0.0.1 (stopped afterwards).
 run: setup
-	$(BIN)/python -m rlhf_ops.cli.pipeline --preset tiny --output_dir $(RUN_DIR)
+	$(BIN)/python -m flows.rlhf --preset tiny --output_dir $(RUN_DIR)
 
 test: setup
 	$(BIN)/python -m pytest -q

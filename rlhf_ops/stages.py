@@ -32,6 +32,7 @@ class Stage:
     name: str
     commands: tuple[Command, ...]
     outputs: Callable[[Path], list[Path]]
+    inputs: Callable[[Path], list[Path]] = lambda r: []  # artifacts the stage reads (cache key, DVC deps)
 
 
 BUILTIN_REWARD = str(REPO_ROOT / "rlhf_ops" / "rewards" / "arith.py")  # the built-in task's verifier
@@ -49,26 +50,31 @@ STAGES: dict[str, Stage] = {
     "sft": Stage("sft", (
         Command("rlhf_ops.cli.train_sft", "rlhf_ops.trainers.sft:SFTConfig", None, lambda r: {
             "pretrain": _base_model(r), "dataset": str(r / "data" / "sft"), "eval_dataset": str(r / "data" / "sft"),
-            "save_path": str(r / "sft"), "ckpt_path": str(r / "ckpt" / "sft")}),
-    ), lambda r: [r / "sft"]),
+            "save_path": str(r / "sft"), "ckpt_path": str(r / "ckpt" / "sft"), "load_checkpoint": "true"}),
+    ), lambda r: [r / "sft"], lambda r: [r / "base_model", r / "data" / "sft"]),
     "rm": Stage("rm", (
         Command("rlhf_ops.cli.train_rm", "rlhf_ops.trainers.rm:RMConfig", None, lambda r: {
             "pretrain": str(r / "sft"), "dataset": str(r / "data" / "preference"),
-            "eval_dataset": str(r / "data" / "preference"), "save_path": str(r / "rm"), "ckpt_path": str(r / "ckpt" / "rm")}),
-    ), lambda r: [r / "rm"]),
+            "eval_dataset": str(r / "data" / "preference"), "save_path": str(r / "rm"), "ckpt_path": str(r / "ckpt" / "rm"),
+            "load_checkpoint": "true"}),
+    ), lambda r: [r / "rm"], lambda r: [r / "sft", r / "data" / "preference"]),
     "prm": Stage("prm", (
         Command("rlhf_ops.cli.train_prm", "rlhf_ops.trainers.prm:PRMConfig", None, lambda r: {
             "pretrain": str(r / "sft"), "dataset": str(r / "data" / "prm"), "eval_dataset": str(r / "data" / "prm"),
-            "save_path": str(r / "prm"), "ckpt_path": str(r / "ckpt" / "prm")}),
-    ), lambda r: [r / "prm"]),
+            "save_path": str(r / "prm"), "ckpt_path": str(r / "ckpt" / "prm"), "load_checkpoint": "true"}),
+    ), lambda r: [r / "prm"], lambda r: [r / "sft", r / "data" / "prm"]),
     "rl": Stage("rl", (
         Command("rlhf_ops.cli.train_ppo", "rlhf_ops.rl.config:RLConfig", None, lambda r: {
             "pretrain": str(r / "sft"), "prompt_data": str(r / "data" / "prompts"),
             "eval_dataset": str(r / "data" / "prompts"), "reward_func": BUILTIN_REWARD,
-            "save_path": str(r / "rl"), "ckpt_path": str(r / "ckpt" / "rl")}),
-    ), lambda r: [r / "rl"]),
+            "save_path": str(r / "rl"), "ckpt_path": str(r / "ckpt" / "rl"), "load_checkpoint": "true"}),
+    ), lambda r: [r / "rl"], lambda r: [r / "sft", r / "data" / "prompts"]),
+    "eval": Stage("eval", (
+        Command("rlhf_ops.cli.evaluate", "rlhf_ops.eval.config:EvalConfig", None, lambda r: {
+            "run_dir": str(r), "output_dir": str(r / "eval")}),
+    ), lambda r: [r / "eval"], lambda r: [r / "base_model", r / "sft", r / "rl", r / "rm", r / "data" / "prompts"]),
 }
-ORDER = ["prep", "sft", "rl"]  # rm and prm run with --stages; left out of `make run` to keep it short
+ORDER = ["prep", "sft", "rm", "rl", "eval"]  # the default plan; prm runs when a preset's pipeline.yaml lists it
 
 
 def params_dir(preset: str, root: Path | None = None) -> Path:
@@ -89,18 +95,27 @@ def stage_yaml(preset: str, stage: str, root: Path | None = None) -> Path:
     return path
 
 
-def command_lines(stage: str, preset: str, run_dir: Path, root: Path | None = None) -> list[list[str]]:
-    """The argv of every command of a stage (YAML hyperparameters + wired paths)."""
+def command_lines(stage: str, preset: str, run_dir: Path, root: Path | None = None,
+                  overrides: dict | None = None) -> list[list[str]]:
+    """The argv of every command of a stage (YAML hyperparameters, then `overrides`, + wired paths).
+
+    `overrides` has the YAML file's shape: option -> value, or section -> {option: value} for a
+    stage whose commands read sections (prep). Unknown keys and wrong types are errors that name
+    the file (or "override") and the key."""
     import yaml
 
     path = stage_yaml(preset, stage, root)
     data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    for k, v in (overrides or {}).items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     argvs = []
     for cmd in STAGES[stage].commands:
         section = data if cmd.yaml_section is None else data.get(cmd.yaml_section)
         if section is None:
             raise ConfigError(f"{path}: missing section {cmd.yaml_section!r} for {cmd.module}")
-        where = f"{path}" + (f" [{cmd.yaml_section}]" if cmd.yaml_section else "")
+        where = f"{path}" + (f" [{cmd.yaml_section}]" if cmd.yaml_section else "") + (" with overrides" if overrides else "")
         mod, cls = cmd.config.split(":")
         check_keys(getattr(importlib.import_module(mod), cls), section, where)
         argv = [sys.executable, "-m", cmd.module]

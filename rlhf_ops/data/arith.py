@@ -100,7 +100,7 @@ def make_problem(rng: random.Random, difficulty: str = "mixed") -> Problem:
     return Problem(question=f"What is {' '.join(terms)}?", steps=steps, answer=str(value))
 
 
-def make_problems(n: int, seed: int, difficulty: str = "mixed") -> list[Problem]:
+def make_problems(n: int, seed: int | str, difficulty: str = "mixed") -> list[Problem]:
     """`n` distinct (by question) problems, deterministic in (n, seed, difficulty).
 
     The sequence is a prefix-stable stream: make_problems(k, s) == make_problems(n, s)[:k] for
@@ -139,24 +139,73 @@ def _slip(rng: random.Random, true: int) -> list[int]:
     return [c for c in cands if c != true and c >= 0] + [true + 1]
 
 
-def corrupt_solution(problem: Problem, rng: random.Random) -> tuple[list[str], int]:
-    """A wrong solution: one arithmetic slip at a random step, carried through the later steps.
+CORRUPTIONS = ("slip", "copy", "answer")
 
-    Returns (steps, index of the first wrong step). The later steps are computed correctly from
-    the wrong value, so the final answer (last step's result) is wrong as well. Operands shown
-    in each step stay the ones from the question up to the slip.
+
+def _carry(problem: Problem, parsed: list[tuple[int, str, int]], bad: int, first: tuple[int, int]) -> list[str]:
+    """The steps with step `bad` rewritten as (right operand, result) = `first` and every later
+    step computed correctly from the value it carries."""
+    steps, value = list(problem.steps[:bad]), None
+    for i, (a, op, b) in enumerate(parsed[bad:], start=bad):
+        a = a if value is None else value
+        b, value = first if i == bad else (b, _apply(a, op, b))
+        steps.append(f"{a} {op} {b} = {value}")
+    return steps
+
+
+def _copy_candidates(rng: random.Random, op: str, b: int) -> list[int]:
+    """Miscopied right-hand operands for `? op b`: a digit off, or digits swapped."""
+    cands = [b + d for d in (1, -1, 2, -2, 10, -10)]
+    rng.shuffle(cands)
+    if b >= 10 and b % 10 != b // 10:
+        cands.insert(0, int(str(b)[::-1]))
+    low = 2 if op == "*" else 1
+    return [c for c in cands if c != b and c >= low and (op != "*" or c <= 9)]
+
+
+def corrupt_solution(problem: Problem, rng: random.Random, kind: str = "slip") -> tuple[list[str], str, int]:
+    """A wrong solution of one of three `kind`s, as (steps, final answer, index of the first wrong line).
+
+    * "slip": one arithmetic slip at a random step (its result is off), carried through the later
+      steps, which are computed correctly from the wrong value;
+    * "copy": one step copies its right-hand operand wrongly from the question ("47 + 8" written
+      "47 + 9"), computes that correctly and carries the wrong value on;
+    * "answer": every step is right but the "Answer:" line (index len(steps)) states another number.
+
+    The final answer is wrong in every kind. Why several kinds: a reward model the size of the tiny
+    one cannot re-check every sum, but it can learn to compare copied numbers, so the preference
+    and PRM data hold errors of graded difficulty, as real ones do.
     """
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"kind must be one of {', '.join(CORRUPTIONS)}, got {kind!r}")
     parsed = [_parse_step(s) for s in problem.steps]
+    if kind == "answer":
+        wrong = next(c for c in _slip(rng, int(problem.answer)))
+        return list(problem.steps), str(wrong), len(problem.steps)
     bad = rng.randrange(len(parsed))
-    for wrong in _slip(rng, _apply(*parsed[bad])):
-        steps, value = list(problem.steps[:bad]), None
-        for i, (a, op, b) in enumerate(parsed[bad:], start=bad):
-            a = a if value is None else value
-            value = wrong if i == bad else _apply(a, op, b)
-            steps.append(f"{a} {op} {b} = {value}")
-        if value >= 0 and str(value) != problem.answer:
-            return steps, bad
-    raise AssertionError("unreachable: +1 always gives a wrong non-negative answer")
+    a, op, b = parsed[bad]
+    if kind == "copy":
+        firsts = [(c, _apply(a, op, c)) for c in _copy_candidates(rng, op, b)]
+    else:
+        firsts = [(b, w) for w in _slip(rng, _apply(a, op, b))]
+    for first in firsts:
+        steps = _carry(problem, parsed, bad, first)
+        value = final_value(steps)
+        if int(value) >= 0 and value != problem.answer and all(int(s.rsplit("=", 1)[1]) >= 0 for s in steps):
+            return steps, value, bad
+    return corrupt_solution(problem, rng, "slip" if kind == "copy" else "answer")
+
+
+def truncate_solution(problem: Problem, rng: random.Random) -> tuple[str, int]:
+    """The solution cut off before its "Answer:" line, as a generation that ran out of tokens:
+    (text, number of lines kept whole). Half the time the last kept step also loses its result
+    ("47 + 8 =")."""
+    keep = rng.randint(1, len(problem.steps))
+    lines = list(problem.steps[:keep])
+    if rng.random() < 0.5:
+        lines[-1] = lines[-1].rsplit(" ", 1)[0]
+        keep -= 1
+    return "\n".join(lines), keep
 
 
 def final_value(steps: list[str]) -> str:

@@ -20,7 +20,8 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from rlhf_ops.data.arith import Problem, corrupt_solution, final_value, format_solution, make_problems
+from rlhf_ops.data.arith import (CORRUPTIONS, Problem, corrupt_solution, format_solution, make_problems,
+                                 truncate_solution)
 from rlhf_ops.utils.atomic import atomic_dir
 
 TASK = "arith"
@@ -29,10 +30,11 @@ PRM_PLACEHOLDER = "ки"  # Cyrillic "ki", the step tag of Math-Shepherd
 PresetName = Literal["tiny", "small"]
 # rows per dataset: (train, eval); "small" is 10x "tiny"
 PRESETS: dict[str, dict[str, tuple[int, int]]] = {
-    "tiny": {"sft": (4000, 200), "preference": (2000, 200), "prm": (2000, 200), "prompts": (1000, 100)},
+    "tiny": {"sft": (4000, 200), "preference": (2000, 200), "prm": (2000, 200), "prompts": (1000, 200)},
 }
 PRESETS["small"] = {k: (tr * 10, ev * 10) for k, (tr, ev) in PRESETS["tiny"].items()}
 SPLITS = ("train", "eval")
+REJECTED_KINDS = (*CORRUPTIONS, "truncated")  # errors in the preference data's rejected answers
 Rows = list[dict[str, Any]]
 
 
@@ -78,24 +80,32 @@ def multiturn_rows(problems: list[Problem], rng: random.Random) -> Rows:
 def preference_rows(problems: list[Problem], rng: random.Random) -> tuple[Rows, Rows]:
     """(preference, preference_chat) rows: the correct solution over a corrupted one.
 
-    margin = fraction of the rejected solution's steps that are wrong (1.0 when the slip is in
-    the first step), so earlier mistakes make a wider preference gap.
+    The rejected solution carries one error of a kind drawn uniformly from REJECTED_KINDS: the
+    kinds of arith.CORRUPTIONS (arithmetic slip, miscopied operand, wrong "Answer:" line) or a
+    solution truncated before its answer. `error` names the kind; margin = fraction of the
+    rejected solution's lines (steps and the answer line) that are wrong or missing, so earlier
+    mistakes make a wider preference gap.
     """
     plain, chat = [], []
     for p in problems:
-        steps, bad = corrupt_solution(p, rng)
-        rejected = format_solution(steps, final_value(steps))
-        margin = round((len(steps) - bad) / len(steps), 4)
-        plain.append({"prompt": p.question, "chosen": p.solution, "rejected": rejected, "margin": margin})
+        kind = rng.choice(REJECTED_KINDS)
+        if kind == "truncated":
+            rejected, bad = truncate_solution(p, rng)
+        else:
+            steps, answer, bad = corrupt_solution(p, rng, kind)
+            rejected = format_solution(steps, answer)
+        margin = round((len(p.steps) + 1 - bad) / (len(p.steps) + 1), 4)
+        plain.append({"prompt": p.question, "chosen": p.solution, "rejected": rejected, "margin": margin,
+                      "error": kind})
         chat.append({"chosen": [_user(p.question), _assistant(p.solution)],
                      "rejected": [_user(p.question), _assistant(rejected)]})
     return plain, chat
 
 
-def prm_row(question: str, steps: list[str], first_wrong: int | None) -> dict[str, Any]:
-    """One Math-Shepherd row; the "Answer: N" line is the last step, every step from the first
+def prm_row(question: str, steps: list[str], answer: str, first_wrong: int | None) -> dict[str, Any]:
+    """One Math-Shepherd row; the "Answer: N" line is the last step, every line from the first
     wrong one on is "-" (first_wrong=None: all "+")."""
-    steps = [*steps, f"Answer: {final_value(steps)}"]
+    steps = [*steps, f"Answer: {answer}"]
     ok = [first_wrong is None or i < first_wrong for i in range(len(steps))]
     tagged = "\n".join(f"{s} {PRM_PLACEHOLDER}" for s in steps)
     labelled = "\n".join(f"{s} {'+' if good else '-'}" for s, good in zip(steps, ok))
@@ -104,13 +114,14 @@ def prm_row(question: str, steps: list[str], first_wrong: int | None) -> dict[st
 
 
 def prm_rows(problems: list[Problem], rng: random.Random) -> Rows:
-    """PRM rows: about half the solutions are correct, the rest carry one propagated slip."""
+    """PRM rows: about half the solutions are correct, the rest carry one propagated error of a
+    kind drawn from arith.CORRUPTIONS."""
     rows = []
     for p in problems:
         if rng.random() < 0.5:
-            rows.append(prm_row(p.question, p.steps, None))
+            rows.append(prm_row(p.question, p.steps, p.answer, None))
         else:
-            rows.append(prm_row(p.question, *corrupt_solution(p, rng)))
+            rows.append(prm_row(p.question, *corrupt_solution(p, rng, rng.choice(CORRUPTIONS))))
     return rows
 
 
@@ -134,17 +145,33 @@ def _dataset_rows(kind: str, problems: list[Problem], rng: random.Random) -> dic
     return {"prompts": plain, "prompts_chat": chat}
 
 
+def rl_prompt_problems(n: int, seed: int, exclude: set[str]) -> list[Problem]:
+    """`n` RL training problems from their own stream, none of them an `exclude`d (eval) question.
+
+    Why a separate stream: the supervised train blocks are cut from one stream of distinct
+    questions after the eval block, so by the time a fourth block is cut the small space of easy
+    questions is used up (an RL block cut there held ~20% easy problems, and the tiny SFT model
+    solved ~4% of its samples, too few for a learning signal). Drawn afresh, the RL prompts have
+    the eval block's difficulty mix; they may repeat SFT training questions, as RL prompts
+    commonly do, but never an eval one.
+    """
+    stream = make_problems(n + len(exclude), f"{seed}:prompts")
+    return [p for p in stream if p.question not in exclude][:n]
+
+
 def build_files(preset: str = "tiny", seed: int = 42) -> dict[str, Rows]:
     """Every file of the layout as {relative path: rows}, without touching the disk."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     sizes = PRESETS[preset]
     n_eval = max(ev for _, ev in sizes.values())
-    pool = make_problems(n_eval + sum(tr for tr, _ in sizes.values()), seed)
+    supervised = [k for k in sizes if k != "prompts"]
+    pool = make_problems(n_eval + sum(sizes[k][0] for k in supervised), seed)
     blocks = {"eval": {k: pool[:ev] for k, (_, ev) in sizes.items()}, "train": {}}
     start = n_eval
-    for kind, (tr, _) in sizes.items():
-        blocks["train"][kind], start = pool[start:start + tr], start + tr
+    for kind in supervised:
+        blocks["train"][kind], start = pool[start:start + sizes[kind][0]], start + sizes[kind][0]
+    blocks["train"]["prompts"] = rl_prompt_problems(sizes["prompts"][0], seed, {p.question for p in pool[:n_eval]})
     files: dict[str, Rows] = {}
     for kind in sizes:
         for split in SPLITS:

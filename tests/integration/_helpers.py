@@ -60,3 +60,19 @@ def run_sft(argv: list[str], nproc: int = 1, timeout: float = 420) -> str:
     rc, out = _finish(_start(argv, nproc), timeout)
     assert rc == 0, f"exit code {rc}: {' '.join(_launcher(nproc) + argv)}\n{out[-LOG_TAIL:]}"
     return out
+
+
+def save_test_reward_model(model_dir: Path, out: Path) -> Path:
+    """A reward model for tests: the tiny LM with a fresh value head (seed 7) scaled by 30, so that
+    rewards are of order 1 rather than 1/(hidden + 1); saved with its tokenizer."""
+    import torch
+
+    from rlhf_ops.models.loading import load_tokenizer
+    from rlhf_ops.models.reward import load_value_model
+    torch.manual_seed(7)
+    rm = load_value_model(str(model_dir))
+    with torch.no_grad():
+        rm.score.weight.mul_(30.0)
+    rm.save_pretrained(out)
+    load_tokenizer(str(model_dir)).save_pretrained(out)
+    return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import to_argv
+from _helpers import save_test_reward_model, to_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -36,17 +36,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rm_dir(model_dir, tmp_path_factory) -> Path:
-    """A reward model: the tiny LM with a fresh value head, saved as a reward-model checkpoint."""
-    from rlhf_ops.models.loading import load_tokenizer
-    from rlhf_ops.models.reward import load_value_model
-    out = tmp_path_factory.mktemp("rl_rm") / "rm"
-    torch.manual_seed(7)
-    rm = load_value_model(str(model_dir))
-    with torch.no_grad():
-        rm.score.weight.mul_(30.0)  # rewards of order 1, not 1/(hidden + 1)
-    rm.save_pretrained(out)
-    load_tokenizer(str(model_dir)).save_pretrained(out)
-    return out
+    return save_test_reward_model(model_dir, tmp_path_factory.mktemp("rl_rm") / "rm")
 
 
 def reward_file(tmp: Path, text: str, name: str = "reward.py") -> Path:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 import pytest
 
-from rlhf_ops.data.arith import (Problem, corrupt_solution, extract_answer, final_value, is_correct,
-                                 make_problems)
+from rlhf_ops.data.arith import (CORRUPTIONS, Problem, corrupt_solution, extract_answer, final_value, is_correct,
+                                 make_problems, truncate_solution)
 from rlhf_ops.rewards.arith import FORMAT_BONUS, reward_func, rewards as reward_list
 
 
@@ -46,23 +47,54 @@ def test_difficulties(difficulty, steps, has_mul):
         make_problems(1, seed=1, difficulty="insane")
 
 
-def test_corrupted_solutions_are_wrong_from_the_reported_step_on():
+def _check_steps(steps):
+    for i, step in enumerate(steps):  # every step is arithmetically right unless stated otherwise
+        a, op, b, _, c = step.split()
+        yield eval(f"{a} {op} {b}") == int(c), int(c) >= 0, i == 0 or int(a) == int(final_value(steps[:i]))
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corrupted_solutions_are_wrong_from_the_reported_line_on(kind):
     rng = random.Random(0)
+    question_numbers = lambda p: p.question[len("What is "):-1].split()[::2]
+    made = Counter()
     for p in make_problems(300, seed=3):
-        steps, bad = corrupt_solution(p, rng)
-        assert len(steps) == len(p.steps) and 0 <= bad < len(steps)
-        assert steps[:bad] == p.steps[:bad] and steps[bad] != p.steps[bad]
-        a, op, b, _, c = steps[bad].split()
-        assert eval(f"{a} {op} {b}") != int(c)  # the slip
-        for i in range(bad + 1, len(steps)):  # later steps carry the wrong value correctly
-            a, op, b, _, c = steps[i].split()
-            assert eval(f"{a} {op} {b}") == int(c) and int(a) == int(final_value(steps[:i]))
-        assert final_value(steps) != p.answer and int(final_value(steps)) >= 0
+        steps, answer, bad = corrupt_solution(p, rng, kind)
+        assert len(steps) == len(p.steps) and answer != p.answer and int(answer) >= 0
+        assert steps[:bad] == p.steps[:bad]
+        checks = list(_check_steps(steps))
+        assert all(nonneg and carried for _, nonneg, carried in checks)
+        if kind == "answer":
+            assert bad == len(steps) and steps == p.steps
+            continue
+        assert 0 <= bad < len(steps) and steps[bad] != p.steps[bad] and answer == final_value(steps)
+        right = [ok for ok, _, _ in checks]
+        assert right[bad + 1:] == [True] * (len(steps) - bad - 1)  # later steps carry the error correctly
+        copied = steps[bad].split()[2] == question_numbers(p)[bad + 1]
+        assert copied != right[bad]  # a slip (right operand, wrong result) or a miscopy (the reverse)
+        made[kind if copied == (kind == "slip") else "fallback"] += 1
+    # a miscopy that cannot stay >= 0 or changes nothing falls back to a slip, rarely
+    assert made["fallback"] < 0.05 * 300, made
+
+
+def test_unknown_corruption_kind_is_refused():
+    p = make_problems(1, seed=1)[0]
+    with pytest.raises(ValueError, match="kind must be one of slip, copy, answer"):
+        corrupt_solution(p, random.Random(0), "typo")
+
+
+def test_truncated_solutions_stop_before_the_answer():
+    rng = random.Random(0)
+    for p in make_problems(200, seed=4):
+        text, kept = truncate_solution(p, rng)
+        assert extract_answer(text) is None and p.solution.startswith(text) and text != p.solution
+        assert text.split("\n")[:kept] == p.steps[:kept] and 0 <= kept <= len(p.steps)
 
 
 def test_corrupt_is_deterministic_given_the_rng():
     p = Problem("What is 47 + 38 - 19?", ["47 + 38 = 85", "85 - 19 = 66"], "66")
-    assert corrupt_solution(p, random.Random(5)) == corrupt_solution(p, random.Random(5))
+    for kind in CORRUPTIONS:
+        assert corrupt_solution(p, random.Random(5), kind) == corrupt_solution(p, random.Random(5), kind)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -103,7 +103,7 @@ def test_no_usable_pair_is_an_error(tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("flag,value", [("chosen_key", "good"), ("rejected_key", "bad"), ("prompt_key", "question")])
 def test_missing_key_names_the_key_and_the_keys_present(tiny_tokenizer, builtin_data_dir, flag, value):
     cfg = cfg_for(builtin_data_dir / "preference", **{flag: value})
-    with pytest.raises(DataError, match=rf"missing key '{value}' in .*preference \(keys present: prompt, chosen, rejected, margin\)"):
+    with pytest.raises(DataError, match=rf"missing key '{value}' in .*preference \(keys present: prompt, chosen, rejected, margin, error\)"):
         build_preference_set(cfg, tiny_tokenizer, cfg.dataset, "train", max_samples=4)
 
 

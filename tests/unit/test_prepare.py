@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import get_args
 
@@ -10,14 +11,14 @@ import pytest
 
 from rlhf_ops.cli.prepare import PrepareConfig, main
 from rlhf_ops.data.arith import extract_answer, is_correct
-from rlhf_ops.data.prepare import (INPUT_TEMPLATE, PRESETS, PRM_PLACEHOLDER, PresetName, build_files,
+from rlhf_ops.data.prepare import (INPUT_TEMPLATE, PRESETS, PRM_PLACEHOLDER, REJECTED_KINDS, PresetName, build_files,
                                    write_dataset)
 
 KEYS = {
     "sft": {"input", "output"},
     "sft_chat": {"messages"},
     "sft_multiturn": {"messages"},
-    "preference": {"prompt", "chosen", "rejected", "margin"},
+    "preference": {"prompt", "chosen", "rejected", "margin", "error"},
     "preference_chat": {"chosen", "rejected"},
     "prm": {"input", "label", "value"},
     "prompts": {"input", "label"},
@@ -64,7 +65,7 @@ def test_layout_keys_counts_and_manifest(out):
         assert all(set(r) == KEYS[rel.split("/")[0]] for r in rows), rel
     sizes = PRESETS["tiny"]
     assert manifest["files"]["sft/train.jsonl"]["rows"] == sizes["sft"][0] == 4000
-    assert manifest["files"]["prompts/eval.jsonl"]["rows"] == sizes["prompts"][1] == 100
+    assert manifest["files"]["prompts/eval.jsonl"]["rows"] == sizes["prompts"][1] == 200
     assert "ки" in (out / "prm/train.jsonl").read_text(encoding="utf-8")  # ensure_ascii=False
 
 
@@ -79,6 +80,14 @@ def test_no_question_is_both_trained_and_evaluated(out):
         name, split = rel.removesuffix(".jsonl").split("/")
         qs[split] |= {_question(name, r) for r in _rows(out, rel)}
     assert qs["train"] and qs["eval"] and not qs["train"] & qs["eval"]
+
+
+def test_rl_prompts_keep_the_eval_difficulty_mix(out):
+    def easy_share(rel):  # "What is a + b?": one operation
+        rows = _rows(out, rel)
+        return sum(r["input"].count(" ") == 4 for r in rows) / len(rows)
+    assert abs(easy_share("prompts/train.jsonl") - easy_share("prompts/eval.jsonl")) < 0.08
+    assert easy_share("prompts/train.jsonl") > easy_share("sft/train.jsonl") - 0.02
 
 
 def test_rerun_is_byte_identical_and_replaces_an_earlier_output(out, tmp_path):
@@ -108,8 +117,11 @@ def test_preference_rows(out):
         for r, c in zip(_rows(out, f"preference/{split}.jsonl"), _rows(out, f"preference_chat/{split}.jsonl")):
             assert r["chosen"] != r["rejected"] and 0.0 < r["margin"] <= 1.0
             assert extract_answer(r["chosen"]) != extract_answer(r["rejected"])
+            assert r["error"] in REJECTED_KINDS and (extract_answer(r["rejected"]) is None) == (r["error"] == "truncated")
             assert c["chosen"][1]["content"] == r["chosen"] and c["rejected"][1]["content"] == r["rejected"]
             assert c["chosen"][0] == c["rejected"][0] == {"role": "user", "content": r["prompt"]}
+    counts = Counter(r["error"] for r in _rows(out, "preference/train.jsonl"))
+    assert set(counts) == set(REJECTED_KINDS) and min(counts.values()) > 400  # about 2000 / 4 each
 
 
 def test_prm_labels_match_placeholders(out):

@@ -51,7 +51,23 @@ def test_missing_section_is_named(tmp_path):
 
 
 def test_unknown_preset_and_stage(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*known presets: tiny"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*known presets: ci, tiny"):
         command_lines("sft", "nope", tmp_path)
     with pytest.raises(ConfigError, match=r"unknown stage 'rlx'"):
         command_lines("rlx", "tiny", tmp_path)
+
+
+def test_overrides_replace_yaml_values_and_are_checked(tmp_path):
+    argv = command_lines("sft", "tiny", tmp_path, overrides={"max_epochs": 1})[0]
+    assert argv[argv.index("--max_epochs") + 1] == "1"
+    prep = command_lines("prep", "tiny", tmp_path, overrides={"tiny_model": {"hidden_size": 32}})[1]
+    assert prep[prep.index("--hidden_size") + 1] == "32" and "--num_layers" in prep  # the section is merged
+    with pytest.raises(ConfigError, match=r"sft.yaml with overrides.*learning_rat"):
+        command_lines("sft", "tiny", tmp_path, overrides={"learning_rat": 0.1})
+
+
+def test_every_trainer_stage_resumes_and_declares_its_inputs(tmp_path):
+    from rlhf_ops.stages import STAGES
+    for name in ("sft", "rm", "prm", "rl"):
+        assert "--load_checkpoint" in command_lines(name, "tiny", tmp_path)[0]
+        assert STAGES[name].inputs(tmp_path) and all(str(p).startswith(str(tmp_path)) for p in STAGES[name].inputs(tmp_path))

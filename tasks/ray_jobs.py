@@ -1,0 +1,158 @@
+"""Run a stage's command as a Ray job: on the cluster at RAY_ADDRESS, or on a local head we start.
+
+`local_head()` starts `ray start --head --block` in its own process group, bound to 127.0.0.1,
+with usage stats off and token authentication on (a fresh random token per head, passed through
+RAY_AUTH_TOKEN; clients need RAY_AUTH_MODE=token too). Leaving the context terminates that process
+group only: Ray processes this project did not start are never touched (no `ray stop`).
+
+`run_job()` submits the command, forwards the job's log lines to a callback as they arrive, and
+raises `JobFailed` with the tail of the log when the job does not succeed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+TAIL_LINES = 40
+# environment passed to jobs: threads, accelerator, offline/telemetry switches (never HF_TOKEN)
+PASS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+            "TRANSFORMERS_OFFLINE", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+
+
+class JobFailed(RuntimeError):
+    """A Ray job ended in FAILED or STOPPED; the message holds the job's status message and log tail."""
+
+
+def _free_port() -> int:
+    from rlhf_ops.distributed.engine import free_port
+    return free_port()
+
+
+def _auth_env(token: str) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+@contextlib.contextmanager
+def _env(extra: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int | None = None, startup_timeout: float = 180.0, log: Callable[[str], None] = print
+               ) -> Iterator[str]:
+    """Start a single-node Ray head on 127.0.0.1 for the duration of the block; yields its job address."""
+    token = secrets.token_hex(24)
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rlhf-ray-")  # short path: Ray's socket names must stay < 108 bytes
+    env = {**os.environ, **_auth_env(token), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_USAGE_STATS": "1"}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--num-cpus={num_cpus or os.cpu_count() or 1}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_ready(address, token, proc, startup_timeout)
+        log(f"local Ray head up at {address} in {time.perf_counter() - t0:.1f} s (127.0.0.1 only, token auth)")
+        with _env(_auth_env(token)):
+            yield address
+    finally:
+        _stop_group(proc)
+
+
+def _wait_ready(address: str, token: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    req = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"`ray start --head` exited with code {proc.returncode}:\n{out[-3000:]}")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the local Ray head did not answer at {address} within {timeout:.0f} s")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM our head's process group, SIGKILL what is left after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    time.sleep(0.5)  # the group's other members get the same signal; give them a moment
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def job_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+
+
+def run_job(address: str, argv: list[str], name: str, log: Callable[[str], None] = print,
+            poll_s: float = 1.0) -> str:
+    """Submit `argv` as a Ray job, stream its log to `log`, return the job id; JobFailed on failure."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    entrypoint = shlex.join(argv)
+    job_id = client.submit_job(entrypoint=entrypoint, submission_id=f"{name}-{secrets.token_hex(4)}",
+                               runtime_env={"env_vars": job_env()})
+    log(f"submitted Ray job {job_id} to {address}: {entrypoint}")
+    seen, lines = 0, []
+    while True:
+        status = client.get_job_status(job_id).value
+        text = client.get_job_logs(job_id)
+        done = status in TERMINAL
+        end = len(text) if done else text.rfind("\n", seen) + 1  # whole lines only, until the end
+        if end > seen:
+            for line in _lines(text[seen:end]):
+                lines.append(line)
+                log(line)
+            seen = end
+        if done:
+            break
+        time.sleep(poll_s)
+    if status != "SUCCEEDED":
+        info = client.get_job_info(job_id)
+        tail = "\n".join(lines[-TAIL_LINES:])
+        raise JobFailed(f"Ray job {job_id} ({name}) {status}: {info.message or ''}\n--- last {TAIL_LINES} log lines ---\n{tail}")
+    return job_id
+
+
+def _lines(chunk: str) -> list[str]:
+    """Log lines of a chunk; a progress bar's carriage-return redraws keep only their last state."""
+    out = []
+    for line in chunk.splitlines():
+        line = line.rsplit("\r", 1)[-1].rstrip()
+        if line:
+            out.append(line)
+    return out

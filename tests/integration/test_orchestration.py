@@ -1,0 +1,181 @@
+"""The `rlhf` Prefect flow, its caching and resume, Ray jobs, and `dvc repro`, on the `ci` preset.
+
+The `ci` preset (params/presets/ci) runs every stage in seconds on a 2-layer model: these tests
+check orchestration, not learning. Each flow run is a subprocess with its own PREFECT_HOME
+(ephemeral server, cache records and results isolated per test module).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _helpers import ROOT, subprocess_env
+
+STAGES = ["prep", "sft", "rm", "rl", "eval"]
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("prefect_home")
+    env = subprocess_env()
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
+               PREFECT_LOGGING_LEVEL="INFO")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def flow(run: Path, env: dict, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flows.rlhf", "--preset", "ci", "--output_dir", str(run), "--executor", "local", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def states(log: str) -> dict[str, str]:
+    """{stage: final state} from the flow's "stage X: State" lines."""
+    out = {}
+    for line in log.splitlines():
+        if " - stage " in line and ": " in line.split(" - stage ", 1)[1]:
+            name, state = line.split(" - stage ", 1)[1].split(": ", 1)
+            out[name.strip()] = state.strip()
+    return out
+
+
+@pytest.mark.slow
+def test_flow_runs_every_stage_then_hits_the_cache_and_rebuilds_a_deleted_output(tmp_path, prefect_env):
+    run = tmp_path / "run"
+    first = flow(run, prefect_env)
+    assert first.returncode == 0, first.stdout[-6000:]
+    assert states(first.stdout) == {s: "Completed" for s in STAGES}, first.stdout[-3000:]
+    lineage = json.loads((run / "lineage.json").read_text())
+    assert [r["stage"] for r in lineage] == STAGES and all(r["outputs"] for r in lineage)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"base", "sft", "rl"} <= set(metrics) and 0.0 <= metrics["rl"]["accuracy"] <= 1.0
+    assert f"eval report: {run / 'eval' / 'report.md'}" in first.stdout
+
+    second = flow(run, prefect_env)
+    assert second.returncode == 0, second.stdout[-6000:]
+    assert states(second.stdout) == {s: "Cached" for s in STAGES}  # 5 cache hits, nothing rerun
+
+    shutil.rmtree(run / "rm")  # as `dvc repro -f` or a user would: the cache must not return the missing model
+    third = flow(run, prefect_env)
+    assert third.returncode == 0, third.stdout[-6000:]
+    got = states(third.stdout)
+    assert got["rm"] == "Completed" and got["prep"] == got["sft"] == "Cached", got
+    assert (run / "rm" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_finished_stages_from_cache_and_rl_from_its_checkpoint(tmp_path, prefect_env):
+    run = tmp_path / "run"
+    longer_rl = json.dumps({"rl": {"max_samples": 48}})  # 12 RL steps, a checkpoint after each
+    cmd = [sys.executable, "-m", "flows.rlhf", "--preset", "ci", "--output_dir", str(run), "--executor", "local",
+           "--overrides", longer_rl]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=prefect_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "ckpt" / "rl" / "latest_good").exists():
+            assert proc.poll() is None, "the flow ended before the RL stage wrote a checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow and its stage subprocess, mid-RL
+        proc.wait()
+    assert not (run / "rl").exists()
+
+    again = flow(run, prefect_env, "--overrides", longer_rl)
+    assert again.returncode == 0, again.stdout[-6000:]
+    got = states(again.stdout)
+    assert [s for s, v in got.items() if v == "Cached"] == ["prep", "sft", "rm"], got  # 3 cache hits
+    assert got["rl"] == got["eval"] == "Completed"
+    assert f"resumed from {run / 'ckpt' / 'rl'}" in again.stdout
+    train = [json.loads(x) for x in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["split"] == "train"][-1] == 12
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stages", "prep,dance"], "unknown stage 'dance'"),
+    (["--overrides", '{"sft": {"learning_rat": 0.1}}'], "learning_rat"),
+    (["--overrides", '{"sft": {"max_epochs": "many"}}'], "max_epochs"),
+])
+def test_bad_plans_fail_before_any_stage_runs(tmp_path, prefect_env, extra, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    out = flow(run, prefect_env, *extra)
+    assert out.returncode != 0 and message in out.stdout, out.stdout[-3000:]
+    assert " - stage " not in out.stdout and sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+
+
+def test_unknown_preset_names_the_presets(tmp_path, prefect_env):
+    out = subprocess.run([sys.executable, "-m", "flows.rlhf", "--preset", "huge", "--output_dir", str(tmp_path / "r")],
+                         cwd=ROOT, env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "unknown preset 'huge'" in out.stdout and "tiny" in out.stdout
+
+
+@pytest.mark.slow
+def test_ray_jobs_on_a_local_head_stream_logs_and_fail_with_the_tail(tmp_path):
+    from tasks.ray_jobs import JobFailed, local_head, run_job
+
+    lines: list[str] = []
+    with local_head(num_cpus=1, log=lines.append) as address:
+        assert address.startswith("http://127.0.0.1:") and os.environ["RAY_AUTH_MODE"] == "token"
+        run_job(address, [sys.executable, "-c", "print('hello from a job'); print('second line')"], "ok",
+                log=lines.append, poll_s=0.2)
+        assert "hello from a job" in lines and "second line" in lines
+        with pytest.raises(JobFailed, match=r"(?s)FAILED.*about to fail"):
+            run_job(address, [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], "bad",
+                    log=lines.append, poll_s=0.2)
+    assert "RAY_AUTH_TOKEN" not in os.environ  # restored after the head is gone
+    with pytest.raises(Exception):
+        from ray.job_submission import JobSubmissionClient
+        JobSubmissionClient(address).list_jobs()  # the head we started is stopped
+
+
+@pytest.mark.slow
+def test_dvc_repro_then_nothing_then_only_downstream_of_a_params_change(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("rlhf_ops", "params", "flows", "tasks"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    (repo / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    text = (ROOT / "dvc.yaml").read_text().replace("preset: tiny", "preset: ci").replace("run: runs/tiny", "run: runs/ci")
+    (repo / "dvc.yaml").write_text(text)
+    env = subprocess_env()
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
+               DVC_SITE_CACHE_DIR=str(tmp_path / "dvc_site"), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def sh(*cmd: str, timeout: float = 900) -> str:
+        out = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=timeout)
+        assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout[-6000:]}"
+        return out.stdout
+
+    sh("git", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    first = sh("dvc", "repro")
+    assert all(f"Running stage '{s}'" in first for s in STAGES), first[-3000:]
+    assert (repo / "runs" / "ci" / "eval" / "metrics.json").is_file() and (repo / "dvc.lock").is_file()
+    second = sh("dvc", "repro")
+    assert "Running stage" not in second and "up to date" in second
+    rl_yaml = repo / "params" / "presets" / "ci" / "rl.yaml"
+    rl_yaml.write_text(rl_yaml.read_text().replace("actor_learning_rate: 1.0e-4", "actor_learning_rate: 2.0e-4"))
+    third = sh("dvc", "repro")
+    ran = [s for s in STAGES if f"Running stage '{s}'" in third]
+    assert ran == ["rl", "eval"], third[-3000:]
+    sh("dvc", "push")  # to the repo's default local remote (.dvc/config: ../.dvc-storage)
+    assert any((repo / ".dvc-storage").rglob("*"))
