@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -127,14 +128,14 @@ def run_job(address: str, argv: list[str], name: str, log: Callable[[str], None]
     job_id = client.submit_job(entrypoint=entrypoint, submission_id=f"{name}-{secrets.token_hex(4)}",
                                runtime_env={"env_vars": job_env()})
     log(f"submitted Ray job {job_id} to {address}: {entrypoint}")
-    seen, lines = 0, []
+    seen, lines, split = 0, [], LogLines()
     while True:
         status = client.get_job_status(job_id).value
         text = client.get_job_logs(job_id)
         done = status in TERMINAL
         end = len(text) if done else text.rfind("\n", seen) + 1  # whole lines only, until the end
         if end > seen:
-            for line in _lines(text[seen:end]):
+            for line in split(text[seen:end]):
                 lines.append(line)
                 log(line)
             seen = end
@@ -148,11 +149,31 @@ def run_job(address: str, argv: list[str], name: str, log: Callable[[str], None]
     return job_id
 
 
-def _lines(chunk: str) -> list[str]:
-    """Log lines of a chunk; a progress bar's carriage-return redraws keep only their last state."""
-    out = []
-    for line in chunk.splitlines():
-        line = line.rsplit("\r", 1)[-1].rstrip()
-        if line:
-            out.append(line)
-    return out
+_BAR = re.compile(r"^(?P<label>.*?)(?P<pct>\d{1,3})%\|")
+
+
+class LogLines:
+    """Turn a stage's raw output into log lines: a progress bar's carriage-return redraws keep their
+    last state, and a bar is logged at each 10% step and at 100%, not at every update."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def __call__(self, chunk: str) -> list[str]:
+        out = []
+        for line in chunk.split("\n"):
+            line = line.rsplit("\r", 1)[-1].rstrip()
+            if line and self._keep(line):
+                out.append(line)
+        return out
+
+    def _keep(self, line: str) -> bool:
+        m = _BAR.match(line)
+        if not m:
+            return True
+        label, pct = m.group("label"), int(m.group("pct"))
+        last = self._last.get(label, -10)
+        if pct == 100 or pct // 10 > last // 10 or pct < last:
+            self._last[label] = pct
+            return True
+        return False

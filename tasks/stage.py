@@ -85,12 +85,14 @@ def run_stage(stage: str, preset: str, run_dir: str, overrides: dict | None = No
 
 
 def _run_local(argv: list[str], log: Callable[[str], None]) -> None:
+    from tasks.ray_jobs import LogLines
+
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
+    split = LogLines()
     assert proc.stdout is not None
     for raw in proc.stdout:
-        line = raw.rsplit("\r", 1)[-1].rstrip()
-        if line:
+        for line in split(raw):
             log(line)
             tail = (tail + [line])[-40:]
     rc = proc.wait()
