@@ -6,6 +6,7 @@ check orchestration, not learning. Each flow run is a subprocess with its own PR
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -179,3 +180,63 @@ def test_dvc_repro_then_nothing_then_only_downstream_of_a_params_change(tmp_path
     assert ran == ["rl", "eval"], third[-3000:]
     sh("dvc", "push")  # to the repo's default local remote (.dvc/config: ../.dvc-storage)
     assert any((repo / ".dvc-storage").rglob("*"))
+
+
+@pytest.mark.slow
+def test_deployment_serves_runs_to_completion_and_keeps_its_schedule(tmp_path):
+    """`prefect server start` on 127.0.0.1, `python -m flows.serve`, `prefect deployment run --watch`."""
+    import urllib.request
+
+    from rlhf_ops.distributed.engine import free_port
+
+    port, run, prefect = free_port(), tmp_path / "run", str(Path(sys.executable).with_name("prefect"))
+    env = subprocess_env()
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_RUNNER_POLL_FREQUENCY="1",
+               PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "home" / "storage"))
+    procs = []
+
+    def start(*cmd: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{len(procs)}.log", "w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        return procs[-1]
+
+    def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([prefect, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+    try:
+        start(prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "0.log").read_text()[-3000:]
+                time.sleep(1)
+        start(sys.executable, "-m", "flows.serve", "--preset", "ci", "--output_dir", str(run), "--executor", "local")
+        deadline = time.monotonic() + 180
+        while (inspect := cli("deployment", "inspect", "rlhf/full-pipeline")).returncode != 0:
+            assert time.monotonic() < deadline, (tmp_path / "1.log").read_text()[-3000:]
+            time.sleep(2)
+        assert "0 3 * * 1" in inspect.stdout  # the ci preset's schedule (pipeline.yaml)
+
+        done = cli("deployment", "run", "rlhf/full-pipeline", "--watch", timeout=900)
+        assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + (tmp_path / "1.log").read_text()[-3000:]
+        assert [r["stage"] for r in json.loads((run / "lineage.json").read_text())] == STAGES
+
+        bad = cli("deployment", "run", "rlhf/full-pipeline", "--param", "preset=huge", "--watch", timeout=300)
+        assert bad.returncode != 0 and "Failed" in bad.stdout, bad.stdout[-3000:]
+        assert "unknown preset 'huge'" in (tmp_path / "1.log").read_text()
+        assert [r["stage"] for r in json.loads((run / "lineage.json").read_text())] == STAGES  # nothing lost
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # `prefect` may ignore the first SIGTERM
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
