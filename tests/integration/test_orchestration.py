@@ -144,6 +144,25 @@ def test_ray_jobs_on_a_local_head_stream_logs_and_fail_with_the_tail(tmp_path):
 
 
 @pytest.mark.slow
+def test_flow_stages_run_as_ray_jobs_on_a_local_head_it_starts_and_stops(tmp_path, prefect_env):
+    run = tmp_path / "run"
+    env = {k: v for k, v in prefect_env.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "flows.rlhf", "--preset", "ci", "--output_dir", str(run), "--stages", "prep,sft"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-6000:]
+    assert states(out.stdout) == {"prep": "Completed", "sft": "Completed"}
+    assert "local Ray head up at http://127.0.0.1:" in out.stdout
+    assert out.stdout.count("submitted Ray job rlhf-") == 2 and "Task run 'sft' - <== stage sft done" in out.stdout
+    assert (run / "sft" / "config.json").is_file()
+    head = [line for line in out.stdout.splitlines() if "local Ray head up at" in line][0]
+    address = head.split("local Ray head up at ")[1].split()[0]
+    with pytest.raises(OSError):  # the head the flow started is gone
+        import urllib.request
+        urllib.request.urlopen(f"{address}/api/version", timeout=5)
+
+
+@pytest.mark.slow
 def test_dvc_repro_then_nothing_then_only_downstream_of_a_params_change(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
