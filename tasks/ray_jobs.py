@@ -118,15 +118,28 @@ def job_env() -> dict[str, str]:
     return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
 
 
+def _submit(client, entrypoint: str, submission_id: str, agent_timeout_s: float) -> str:
+    """submit_job, retried while the head's job agent is not up yet (a fresh head's dashboard answers
+    before its agent registers: "No available agent to submit job")."""
+    deadline = time.monotonic() + agent_timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                     runtime_env={"env_vars": job_env()})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def run_job(address: str, argv: list[str], name: str, log: Callable[[str], None] = print,
-            poll_s: float = 1.0) -> str:
+            poll_s: float = 1.0, agent_timeout_s: float = 120.0) -> str:
     """Submit `argv` as a Ray job, stream its log to `log`, return the job id; JobFailed on failure."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     entrypoint = shlex.join(argv)
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=f"{name}-{secrets.token_hex(4)}",
-                               runtime_env={"env_vars": job_env()})
+    job_id = _submit(client, entrypoint, f"{name}-{secrets.token_hex(4)}", agent_timeout_s)
     log(f"submitted Ray job {job_id} to {address}: {entrypoint}")
     seen, lines, split = 0, [], LogLines()
     while True:
