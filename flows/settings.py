@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ops.config import ConfigError
-from rlhf_ops.stages import STAGES, command_lines, params_dir
+from rlhf_ops.stages import check_overrides, check_stage_names, command_lines, params_dir
 
 PLAN_KEYS = {"stages": list, "schedule": (str, type(None)), "hub_repo": (str, type(None)), "hub_private": bool}
 EXECUTORS = ("ray", "local")
@@ -46,17 +46,8 @@ def load_plan(preset: str, stages: Optional[list[str]], overrides: Optional[dict
     """Check the preset, the stage names, the overrides and every stage's params; ConfigError names what is wrong."""
     data = read_plan_file(preset)
     stages = list(stages or data.get("stages") or [])
-    for s in stages:
-        if s not in STAGES:
-            raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-    overrides = overrides or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError("overrides must be a mapping {stage: {option: value}}")
-    for s, ov in overrides.items():
-        if s not in STAGES:
-            raise ConfigError(f"overrides: unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        if not isinstance(ov, dict):
-            raise ConfigError(f"overrides[{s!r}] must be a mapping of option -> value, got {type(ov).__name__}")
+    check_stage_names(stages)
+    overrides = check_overrides(overrides)
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     for s in stages:

@@ -77,6 +77,25 @@ STAGES: dict[str, Stage] = {
 ORDER = ["prep", "sft", "rm", "rl", "eval"]  # the default plan; prm runs when a preset's pipeline.yaml lists it
 
 
+def check_stage_names(names: list[str], what: str = "stages") -> None:
+    for s in names:
+        if s not in STAGES:
+            raise ConfigError(f"{what}: unknown stage {s!r}; stages are {', '.join(STAGES)}")
+
+
+def check_overrides(overrides: object) -> dict[str, dict]:
+    """{stage: {option: value}} with known stage names; the options are checked by command_lines."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a mapping {{stage: {{option: value}}}}, got {type(overrides).__name__}")
+    check_stage_names(list(overrides), "overrides")
+    for s, ov in overrides.items():
+        if not isinstance(ov, dict):
+            raise ConfigError(f"overrides[{s!r}] must be a mapping of option -> value, got {type(ov).__name__}")
+    return overrides
+
+
 def params_dir(preset: str, root: Path | None = None) -> Path:
     base = (root or REPO_ROOT) / "params" / "presets"
     d = base / preset

@@ -23,7 +23,6 @@ from prefect.tasks import exponential_backoff
 
 from rlhf_ops import artifacts
 from rlhf_ops.cli.pipeline import plan
-from rlhf_ops.stages import STAGES
 
 BAD_INPUT = 2  # exit code of rlhf_ops CLIs for bad input
 
@@ -100,6 +99,3 @@ def _run_local(argv: list[str], log: Callable[[str], None]) -> None:
         raise StageFailed(f"{' '.join(argv[1:])} exited with code {rc}\n--- last 40 log lines ---\n" + "\n".join(tail),
                           bad_input=rc == BAD_INPUT or f"(exit code {BAD_INPUT})" in "\n".join(tail))
 
-
-def stage_outputs(stage: str, run_dir: str) -> list[str]:
-    return [str(p) for p in STAGES[stage].outputs(Path(run_dir))]

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from rlhf_ops import artifacts
-from rlhf_ops.config import ConfigError, check, opt, parse_config
-from rlhf_ops.stages import ORDER, STAGES, command_lines
+from rlhf_ops.config import ConfigError, opt, parse_config
+from rlhf_ops.stages import ORDER, STAGES, check_overrides, check_stage_names, command_lines
 from rlhf_ops.utils.atomic import write_json
 
 
@@ -38,11 +38,8 @@ class PipelineConfig:
     force: bool = opt(False, "Run the stages even when their stamps say the outputs are up to date")
 
     def __post_init__(self) -> None:
-        for s in self.selected():
-            check(s in STAGES, "stages", f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        overrides = self.parsed_overrides()
-        for s in overrides:
-            check(s in STAGES, "overrides", f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+        check_stage_names(self.selected())
+        self.parsed_overrides()
 
     def selected(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",")] if self.stages else list(ORDER)
@@ -54,9 +51,7 @@ class PipelineConfig:
             value = json.loads(self.overrides)
         except ValueError as e:
             raise ConfigError(f"--overrides: not valid JSON ({e})") from None
-        check(isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()), "overrides",
-              "must be a JSON object of {stage: {option: value}}")
-        return value
+        return check_overrides(value)
 
 
 def plan(stage: str, preset: str, run: Path, overrides: dict | None = None) -> tuple[list[list[str]], str]:
