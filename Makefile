@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test clean-run
+.PHONY: setup run test bench clean-run
 
 setup: $(STAMP)
 
@@ -37,6 +37,20 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The benchmark suite (benchmarks/suite.py): TRL side by side, scaling, orchestration cost. TRL lives
+# in its own venv, never in the project's dependencies; torch goes in first and stays pinned.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	test -d $(BENCH_VENV) || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q "torch==2.13.0"
+	echo "torch==2.13.0" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/pip install -q "trl==1.16.*" -c $(BENCH_VENV)/constraints.txt
+	touch $@
+
+bench: setup $(BENCH_VENV)/.installed
+	$(BIN)/python benchmarks/suite.py
 
 clean-run:
 	rm -rf $(RUN_DIR)

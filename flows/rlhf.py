@@ -4,8 +4,8 @@
     python -m flows.serve && prefect deployment run rlhf/full-pipeline  # as a deployment
 
 Stages run in the order of the preset's `pipeline.yaml`, each as a task (`tasks.stage.run_stage`)
-that submits the stage's entry point as a Ray job (to RAY_ADDRESS, or to a local head started for
-this run and stopped afterwards) or, with `executor="local"`, as a subprocess. Tasks pass paths and
+that submits the stage's entry point as a Ray job (to RAY_ADDRESS, or to a local head started when
+the first stage has to run and stopped afterwards) or, with `executor="local"`, as a subprocess. Tasks pass paths and
 hashes only. Every params file and override is checked before the first stage starts. At the end
 the flow writes `<run>/lineage.json` (stage -> key, outputs and their hashes, cached or ran),
 publishes the eval report as a Prefect markdown artifact when there is one, and pushes to the Hub
@@ -18,24 +18,41 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from prefect import flow
 
 from flows.settings import PipelinePlan, load_plan
 
 
-@contextlib.contextmanager
-def _cluster(executor: str, log: Any) -> Iterator[Optional[str]]:
-    if executor == "local":
-        yield None
-    elif os.environ.get("RAY_ADDRESS"):
-        log(f"submitting stages to the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
-        yield os.environ["RAY_ADDRESS"]
-    else:
-        from tasks.ray_jobs import local_head
-        with local_head(log=log) as address:
-            yield address
+class _Cluster:
+    """Where Ray jobs go: RAY_ADDRESS, else a local head started on first need and stopped at exit.
+
+    The head starts only when a stage has to run, so a fully cached rerun starts no Ray at all.
+    """
+
+    def __init__(self, executor: str, log: Any):
+        self.executor, self.log = executor, log
+        self._stack = contextlib.ExitStack()
+        self._address: Optional[str] = None
+
+    def address(self, needed: bool) -> Optional[str]:
+        if self.executor == "local" or (self._address is None and not needed):
+            return self._address
+        if self._address is None:
+            if os.environ.get("RAY_ADDRESS"):
+                self.log(f"submitting stages to the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
+                self._address = os.environ["RAY_ADDRESS"]
+            else:
+                from tasks.ray_jobs import local_head
+                self._address = self._stack.enter_context(local_head(log=self.log))
+        return self._address
+
+    def __enter__(self) -> "_Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
 
 
 @flow(name="rlhf", log_prints=True)
@@ -47,12 +64,12 @@ def rlhf(preset: str = "tiny", output_dir: str = "runs/tiny", stages: Optional[l
     run = str(Path(output_dir).resolve())
     p: PipelinePlan = load_plan(preset, stages, overrides, executor, hub_repo, Path(run))
     summary: dict[str, Any] = {}
-    with _cluster(p.executor, print) as address:
+    with _Cluster(p.executor, print) as cluster:
         for stage in p.stages:
             ov = p.overrides.get(stage)
             fresh = not outputs_valid(stage, preset, run, ov)
             state = run_stage.with_options(refresh_cache=fresh)(
-                stage, preset, run, ov, p.executor, address, return_state=True)
+                stage, preset, run, ov, p.executor, cluster.address(needed=fresh), return_state=True)
             result = state.result()  # raises the stage's error when it failed
             summary[stage] = {"state": state.name, **result}
             print(f"stage {stage}: {state.name}")

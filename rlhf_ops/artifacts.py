@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -84,8 +85,13 @@ def stamp_path(run_dir: Path, stage: str) -> Path:
 
 
 def write_stamp(run_dir: Path, stage: str, key: str, outputs: list[Path], extra: dict[str, Any] | None = None) -> dict:
-    """Record (atomically) that `stage` produced `outputs` under `key`; returns the stamp."""
-    stamp = {"stage": stage, "key": key, "outputs": {str(p): tree_sha256(p) for p in outputs}, **(extra or {})}
+    """Record (atomically) that `stage` produced `outputs` under `key`; returns the stamp.
+
+    `extra` adds fields (the pipeline records the stage's work time); `hash_s` is the time spent
+    hashing the outputs, so benchmarks can tell orchestration cost from work."""
+    t0 = time.perf_counter()
+    hashes = {str(p): tree_sha256(p) for p in outputs}
+    stamp = {"stage": stage, "key": key, "outputs": hashes, **(extra or {}), "hash_s": round(time.perf_counter() - t0, 3)}
     missing = [p for p, h in stamp["outputs"].items() if h is None]
     if missing:
         raise FileNotFoundError(f"stage {stage} finished but did not write {', '.join(missing)}")

@@ -64,12 +64,16 @@ def _no_retry_on_bad_input(task: Any, task_run: Any, state: Any) -> bool:
       task_run_name="{stage}")
 def run_stage(stage: str, preset: str, run_dir: str, overrides: dict | None = None, executor: str = "ray",
               address: str | None = None) -> dict[str, Any]:
-    """Run one stage (Ray job or subprocess); returns {"stage", "key", "outputs": {path: sha256}}."""
+    """Run one stage (Ray job or subprocess); returns {"stage", "key", "outputs": {path: sha256}}.
+
+    The flow passes no `address` when the stage's outputs already match its stamp (no Ray head is
+    started for it); should Prefect's cache miss anyway, the entry point runs as a subprocess and
+    only confirms the stamp."""
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
     argv = stage_argv(stage, preset, run_dir, overrides)
-    if executor == "ray":
+    if executor == "ray" and address is not None:
         from tasks.ray_jobs import JobFailed, run_job
         try:
             run_job(address, argv, f"rlhf-{stage}", log=logger.info)

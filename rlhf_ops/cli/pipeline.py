@@ -69,12 +69,13 @@ def run_stage(stage: str, argvs: list[list[str]], key: str, run: Path, force: bo
     _set_aside_stale_checkpoints(stage, key, run)
     write_json(artifacts.stamp_path(run, f"{stage}.started"), {"stage": stage, "key": key, "time": time.time()})
     print(f"==> stage {stage} (key {key[:12]})", flush=True)
+    t0 = time.perf_counter()
     for argv in argvs:
         print("    $ " + " ".join(_quote(a) for a in argv[1:]), flush=True)
         rc = subprocess.call(argv)
         if rc != 0:
             raise SystemExit(f"stage {stage} failed (exit code {rc}): {' '.join(argv[1:3])}")
-    artifacts.write_stamp(run, stage, key, outputs)
+    artifacts.write_stamp(run, stage, key, outputs, extra={"work_s": round(time.perf_counter() - t0, 3)})
     return "ran"
 
 

@@ -61,6 +61,9 @@ def test_flow_runs_every_stage_then_hits_the_cache_and_rebuilds_a_deleted_output
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert {"base", "sft", "rl"} <= set(metrics) and 0.0 <= metrics["rl"]["accuracy"] <= 1.0
     assert f"eval report: {run / 'eval' / 'report.md'}" in first.stdout
+    for s in STAGES:  # each stamp times the stage's own commands and the hashing of its outputs
+        stamp = json.loads((run / ".stamps" / f"{s}.json").read_text())
+        assert stamp["work_s"] > 0.5 and 0.0 <= stamp["hash_s"] < stamp["work_s"], (s, stamp)
 
     second = flow(run, prefect_env)
     assert second.returncode == 0, second.stdout[-6000:]
@@ -144,7 +147,7 @@ def test_ray_jobs_on_a_local_head_stream_logs_and_fail_with_the_tail(tmp_path):
 
 
 @pytest.mark.slow
-def test_flow_stages_run_as_ray_jobs_on_a_local_head_it_starts_and_stops(tmp_path, prefect_env):
+def test_flow_stages_run_as_ray_jobs_on_a_local_head_it_starts_and_stops_and_a_cached_rerun_starts_none(tmp_path, prefect_env):
     run = tmp_path / "run"
     env = {k: v for k, v in prefect_env.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "flows.rlhf", "--preset", "ci", "--output_dir", str(run), "--stages", "prep,sft"]
@@ -160,6 +163,12 @@ def test_flow_stages_run_as_ray_jobs_on_a_local_head_it_starts_and_stops(tmp_pat
     with pytest.raises(OSError):  # the head the flow started is gone
         import urllib.request
         urllib.request.urlopen(f"{address}/api/version", timeout=5)
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-6000:]
+    assert states(again.stdout) == {"prep": "Cached", "sft": "Cached"}
+    assert "local Ray head up" not in again.stdout and "submitted Ray job" not in again.stdout  # nothing to run, no head
 
 
 @pytest.mark.slow

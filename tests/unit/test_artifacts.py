@@ -31,7 +31,9 @@ def test_tree_hash_follows_content_and_names_but_not_write_temporaries(tmp_path)
 
 def test_stamp_is_valid_only_for_its_key_and_unchanged_outputs(tmp_path):
     m = _tree(tmp_path)
-    artifacts.write_stamp(tmp_path, "sft", "k1", [m])
+    stamp = artifacts.write_stamp(tmp_path, "sft", "k1", [m], extra={"work_s": 1.5})
+    assert stamp["work_s"] == 1.5 and stamp["hash_s"] >= 0.0
+    assert artifacts.read_stamp(tmp_path, "sft") == stamp
     assert artifacts.stamp_is_valid(tmp_path, "sft", "k1")
     assert not artifacts.stamp_is_valid(tmp_path, "sft", "k2")  # other params, inputs or code
     (m / "config.json").write_text('{"changed": true}')
