@@ -291,6 +291,23 @@ def exponent(x0: float, x1: float, y0: float, y1: float) -> float | None:
     return math.log(y1 / y0) / math.log(x1 / x0)
 
 
+def rel_se(r: dict, f: str) -> float:
+    """Relative standard error of a point's mean `f` ("step_s", "generate_s", ...) over its measured steps."""
+    vals = [x["time_" + f[:-2]] for x in r["per_step"][1:]] or [x["time_" + f[:-2]] for x in r["per_step"]]
+    if len(vals) < 2 or not sum(vals):
+        return 0.0
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return sd / m / len(vals) ** 0.5
+
+
+def exponent_err(key: str, p0: dict, p1: dict, f: str) -> float | None:
+    """Standard error of exponent(...) from the step-to-step spread of the two points (not run-to-run drift)."""
+    if p0[key] == p1[key] or min(p0[key], p1[key]) <= 0:
+        return None
+    return math.hypot(rel_se(p0, f), rel_se(p1, f)) / abs(math.log(p1[key] / p0[key]))
+
+
 SWEEP_X = {"generate_max_len": ("response_length", "mean response tokens"),
            "generate_max_len (SFT policy)": ("response_length", "mean response tokens"),
            "n_samples_per_prompt": ("n_samples", "samples per prompt"),
@@ -325,9 +342,11 @@ def rl_tables(rows: list[dict]) -> tuple[list[str], list[str]]:
                      "n_samples": lambda r: f"n={r['n_samples']}",
                      "params": lambda r: f"h{r['hidden']} ({r['params'] / 1e6:.2f}M)",
                      "micro_rollout": lambda r: f"micro {r['micro_rollout']}"}[key]
-            es = [exponent(p0[key], p1[key], p0[c], p1[c]) for c in ("step_s", "generate_s", "logprobs_s", "train_s")]
+            cs = ("step_s", "generate_s", "logprobs_s", "train_s")
+            es = [exponent(p0[key], p1[key], p0[c], p1[c]) for c in cs]
+            errs = [exponent_err(key, p0, p1, c) for c in cs]
             ex.append(f"| {sweep} | {label(p0)} -> {label(p1)} | {p1[key] / p0[key]:.2f} | " +
-                      " | ".join(fmt(e) for e in es) + " |")
+                      " | ".join("-" if e is None else f"{e:.2f} ± {d:.2f}" for e, d in zip(es, errs)) + " |")
     return md, ex
 
 
@@ -371,7 +390,46 @@ def growth(k: float | None) -> str:
     return "about quadratic or worse"
 
 
-def rl_findings(rows: list[dict]) -> list[str]:
+def rl_summary(rows: list[dict]) -> list[str]:
+    """One verdict per sweep: measured first-to-last exponent of the step time against the expectation."""
+    out = []
+    expect = {"n_samples_per_prompt": ("samples", (0.8, 1.2), "about linear"),
+              "generate_max_len": ("length (untrained policy)", (0.8, 9.9), "linear or worse"),
+              "model_size": ("model size", (0.0, 1.0), "sublinear at these widths, at most linear")}
+    for sweep, (what, (lo, hi), exp) in expect.items():
+        key = SWEEP_X[sweep][0]
+        pts = sorted((r for r in rows if r["sweep"] == sweep), key=lambda r: r[key])
+        if len(pts) < 2:
+            continue
+        a, b = pts[0], pts[-1]
+        k, e = exponent(a[key], b[key], a["step_s"], b["step_s"]), exponent_err(key, a, b, "step_s")
+        ok = lo <= k <= hi
+        near = not ok and e is not None and (lo - 2 * e <= k <= hi + 2 * e)
+        out.append(f"- {what}: x{b[key] / a[key]:.2f} -> step time x{b['step_s'] / a['step_s']:.2f}, k = {k:.2f} ± {fmt(e)} "
+                   f"({growth(k)}); expected {exp}: "
+                   + ("**as expected**" if ok else "**within 2 standard errors of the expectation**" if near
+                      else "**not as expected**") + ".")
+    return out
+
+
+def knee_reason(sweep: str, name: str, n: float, pre: dict | None) -> str:
+    """The mechanism at a knee, when the knee sits where the code changes regime (n = micro_rollout / rollout)."""
+    if pre is None or sweep not in ("n_samples_per_prompt", PACK_CHECK):
+        return ""
+    mr, rb = int(pre["micro_rollout_batch_size"]), int(pre["rollout_batch_size"])
+    if rb * n != mr:
+        return ""
+    packed = bool(pre.get("packing_samples")) != (sweep == PACK_CHECK)
+    why = {"generate": f"up to n = {n}, the {rb} x n samples fit one generate call of up to {mr} sequences, which "
+                       f"gets wider at little cost per decode step; above it, calls are added (linear)",
+           "logprobs": (f"up to n = {n}, one packed row of {rb} x n sequences grows longer, and its dense block "
+                        f"mask makes that quadratic; above it, full rows are added (linear)") if packed else
+                       f"at n = {n} the padded batches reach {mr} sequences",
+           "step": "the sum of the parts' regimes (see generate and logprobs)"}.get(name, "")
+    return f" n = {n} is where {rb} x n = micro_rollout_batch_size {mr}: {why}." if why else ""
+
+
+def rl_findings(rows: list[dict], pre: dict | None = None) -> list[str]:
     """Statements of measured ratios and exponents, classified by fixed thresholds (no claim beyond the numbers)."""
     out = []
     comps = (("step_s", "step"), ("generate_s", "generate"), ("logprobs_s", "logprobs"), ("train_s", "train"))
@@ -412,14 +470,30 @@ def rl_findings(rows: list[dict]) -> list[str]:
                 f"{min(r.get('micro_rollout', BASE_MICRO), r['samples_per_step'])} sequences per "
                 f"{'packed row' if r.get('packing') else 'padded batch'})" for r in pts) + "."
         out.append(line)
-        if len(pts) >= 3:  # a knee: the local exponent of a part changes by >= 0.5 between neighbouring segments
+        if len(pts) >= 3:  # a knee: the local exponent changes by more than twice its standard error
+            x = lambda r: f"{r[key]:,.0f}" if key != "response_length" else f"{r[key]:.0f} tok"  # noqa: E731
             for f, name in comps:
                 ks = [exponent(p0[key], p1[key], p0[f], p1[f]) for p0, p1 in zip(pts, pts[1:])]
+                es = [exponent_err(key, p0, p1, f) for p0, p1 in zip(pts, pts[1:])]
                 for i in range(len(ks) - 1):
-                    if ks[i] is not None and ks[i + 1] is not None and abs(ks[i + 1] - ks[i]) >= 0.5:
-                        x = lambda r: f"{r[key]:,.0f}" if key != "response_length" else f"{r[key]:.0f} tok"  # noqa: E731
-                        out.append(f"  - change of slope in *{name}* at x = {x(pts[i + 1])}: k = {ks[i]:.2f} "
-                                   f"below, {ks[i + 1]:.2f} above.")
+                    if None in (ks[i], ks[i + 1], es[i], es[i + 1]):
+                        continue
+                    d, lim = ks[i + 1] - ks[i], 2 * math.hypot(es[i], es[i + 1])
+                    if abs(d) >= 0.3:
+                        out.append(f"  - slope of *{name}* at x = {x(pts[i + 1])}: k = {ks[i]:.2f} ± {es[i]:.2f} "
+                                   f"below, {ks[i + 1]:.2f} ± {es[i + 1]:.2f} above: "
+                                   + ("**a change beyond twice its standard error**." + knee_reason(sweep, name, pts[i + 1][key], pre)
+                                      if abs(d) > lim else "within twice its standard error, so not a measured knee."))
+    # the same work measured twice: the SFT policy's seeded samples all end before the smaller max length
+    sft = sorted((r for r in rows if r["sweep"] == "generate_max_len (SFT policy)"), key=lambda r: r["gen_len"])
+    for r0, r1 in zip(sft, sft[1:]):
+        if abs(r0["response_length"] - r1["response_length"]) < 1e-9 and r0["response_length"] < r0["gen_len"] - 1:
+            out.append(f"- **Run-to-run noise**: the SFT policy at max {r0['gen_len']} and {r1['gen_len']} generated the same "
+                       f"{r0['response_length']:.1f}-token mean (same seeds, every sample ended at EOS before "
+                       f"{r0['gen_len']}): the same work, measured {r0['step_s']:.2f} s and {r1['step_s']:.2f} s per step "
+                       f"({100 * abs(r1['step_s'] / r0['step_s'] - 1):.0f}% apart) under the recorded load. Differences of that "
+                       f"size between any two points are not meaningful; the ± above come from the step-to-step spread "
+                       f"within a point only, which understates this drift.")
     return out
 
 
@@ -502,7 +576,7 @@ def plots(out: Path, rl: list[dict], baseline: dict | None, zero: list[dict]) ->
             ax.set_ylabel("seconds per RL step (log)")
             ax.set_title(sweep.replace("_", " "))
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="best")
         fig.suptitle("GRPO step time on %d CPU cores (untrained tiny policies; dotted: the SFT policy / packing flipped)"
                      % os.cpu_count(), fontsize=10)
         fig.tight_layout()
@@ -716,8 +790,10 @@ def report(r: dict, out: Path) -> None:
                f"{steps - 1} steps is correspondingly less noisy, but a 10% error in one time moves k by "
                "log(1.1)/log(x ratio): 0.14 over a doubling, 0.36 over x1.3, so exponents over small x ratios "
                "are rough:", ""] + ex + [
+               "", "Summary (step time, first to last point of each sweep; the ± is from the step-to-step spread within "
+               "the two points and understates run-to-run drift, see the last item under Measured):", ""] + rl_summary(rl) + [
                "", "Measured (classes: k < 0.2 flat, < 0.8 sublinear, 0.8-1.2 linear, 1.2-1.8 between linear and "
-               "quadratic, above: quadratic or worse):", ""] + rl_findings(rl) + ["", mechanisms(r["preset_rl"])]
+               "quadratic, above: quadratic or worse):", ""] + rl_findings(rl, pre) + ["", mechanisms(pre)]
     if zero:
         P0 = {z["hidden"]: z["params"] for z in zero}
         md += ["## 2. Peak memory per ZeRO stage (`rlhf_ops.cli.train_sft`, 2 processes)", "",
