@@ -16,7 +16,8 @@ spec keys: kind (sft | rm | grpo), model, data (JSONL), out (result JSON), threa
   rm:   max_length, micro (pairs per forward), accum (micro-batches per optimizer step)
   grpo: micro (completions per forward), accum, steps_per_generation, num_generations,
         max_completion_length, temperature, beta, reward_file, prompt_ids (our token ids of the
-        prompts, to check that TRL tokenizes them identically)
+        prompts, to check that TRL tokenizes them identically), save_model (optional: a folder for
+        the trained policy, in Hugging Face format)
 
 Result JSON: step_end (seconds since train begin at the end of each optimizer step, from a
 TrainerCallback's on_step_end), train_runtime (Trainer's own figure), tokens/rows per optimizer
@@ -209,6 +210,9 @@ def run_grpo(spec: dict, out_dir: str) -> dict:
 
     trainer._compute_loss = counting_loss
     out = trainer.train()
+    if spec.get("save_model"):  # benchmarks/rl_accuracy_vs_trl.py evaluates the trained policy
+        trainer.save_model(spec["save_model"])
+        tok.save_pretrained(spec["save_model"])
     return dict(clock=clock, train_runtime=out.metrics["train_runtime"], micro=[], accum=spec["accum"],
                 log_history=trainer.state.log_history, phases=phases, completion_tokens=comp_tokens,
                 same_prompt_ids=same_prompt_ids)

@@ -53,9 +53,7 @@ def builtin_data_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _restore_root_logging():
-    """In-process CLI runs configure the root logger; give every test the logging it started with."""
+def _keep_root_logging():
     import logging
 
     root = logging.getLogger()
@@ -63,3 +61,16 @@ def _restore_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """In-process CLI runs configure the root logger; give every test the logging it started with."""
+    yield from _keep_root_logging()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_root_logging_per_module():
+    """The same for module-scoped fixtures that run a CLI in-process (autouse fixtures of a scope
+    are set up before the other fixtures of that scope, so this snapshot comes first)."""
+    yield from _keep_root_logging()

@@ -226,6 +226,37 @@ def extract_answer(text: str) -> str | None:
     return _normalize(matches[-1]) if matches else None
 
 
+_QUESTION_RE = re.compile(r"What is ([0-9+*\- ]+)\?")
+_STEP_RE = re.compile(r"^\s*(\d+) ([+*-]) (\d+) = (\d+)\s*$")
+
+
+def checks_out(prompt: str, completion: str) -> bool:
+    """Whether the completion's work is right, not only its answer: one line per operation of the
+    question in `prompt`, each "a op b = c" with a the previous result (the question's first number
+    at first), op and b the question's next operation, c = a op b, then "Answer: " the last result.
+
+    A right answer reached by wrong steps ("16 - 6 = 7\n7 + 6 = 16\nAnswer: 16") fails: an outcome
+    reward pays for such lucky chains, and they teach wrong facts (see README, RL diagnostics).
+    """
+    q = _QUESTION_RE.search(prompt or "")
+    if not q:
+        return False
+    terms = q[1].split()
+    if len(terms) < 3 or len(terms) % 2 == 0:
+        return False
+    nums, ops = [int(x) for x in terms[0::2]], terms[1::2]
+    lines = [x for x in (completion or "").strip().split("\n") if x.strip()]
+    if len(lines) != len(ops) + 1:
+        return False
+    value = nums[0]
+    for op, b, line in zip(ops, nums[1:], lines):
+        m = _STEP_RE.match(line)
+        if not m or (int(m[1]), m[2], int(m[3])) != (value, op, b) or int(m[4]) != _apply(value, op, b):
+            return False
+        value = int(m[4])
+    return extract_answer(lines[-1]) == str(value) and lines[-1].strip().startswith("Answer")
+
+
 def is_correct(completion: str, label: str) -> bool:
     """Whether the completion's final "Answer: N" equals `label` (as integers)."""
     got = extract_answer(completion)

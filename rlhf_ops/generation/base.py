@@ -44,7 +44,14 @@ class HFGenerator:
         self.model = model  # generation runs on the live training weights: nothing to copy
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 chunks: range | None = None) -> list[list[int]]:
+        """Completions of `prompts`; with `chunks`, only of those micro-batches (by index).
+
+        Each micro-batch's sampling seed is drawn in turn from the call's seed, skipped ones
+        included, so a rank that samples chunks 2-3 of a call gets exactly the completions one
+        process gets for them (`rlhf_ops.ray_rl`: N actor ranks make one process's rollout).
+        """
         from rlhf_ops.models.forward import unwrap
 
         hf = unwrap(self.model)
@@ -56,14 +63,16 @@ class HFGenerator:
         out: list[list[int]] = []
         try:
             with _gathered(self.model):
-                for i in range(0, len(prompts), self.micro_batch_size):
-                    out += self._generate_batch(hf, prompts[i:i + self.micro_batch_size], params, gen)
+                for k, i in enumerate(range(0, len(prompts), self.micro_batch_size)):
+                    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+                    if chunks is None or k in chunks:
+                        out += self._generate_batch(hf, prompts[i:i + self.micro_batch_size], params, seed)
         finally:
             hf.train(was_training)
         return out
 
     def _generate_batch(self, hf: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                        gen: torch.Generator) -> list[list[int]]:
+                        seed: int) -> list[list[int]]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -73,11 +82,11 @@ class HFGenerator:
             att[r, width - len(p):] = 1
         device = next(hf.parameters()).device
         sample = params.temperature > 0
-        # a seed drawn from our generator makes sampling reproducible for a given call seed, in a
+        # the micro-batch's seed (drawn from the call's generator) makes sampling reproducible, in a
         # forked RNG so that the caller's global random state (dropout, data order) is untouched
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            torch.manual_seed(seed)
             seqs = self._sample(hf, ids.to(device), att.to(device), params, sample)
         return [_until_eos(row[width:].tolist(), eos) for row in seqs.cpu()]
 

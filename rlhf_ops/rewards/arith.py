@@ -7,11 +7,14 @@ Per sample, with completion = the query minus its prompt:
     0.1  (FORMAT_BONUS) it has an "Answer: N" line but the number is wrong;
     0.0  no "Answer: N" line at all.
 So the fraction of rewards equal to 1.0 is the accuracy; the bonus only nudges a policy that has
-lost the answer format back towards it. Pure Python, no torch: usable in any reward worker.
+lost the answer format back towards it. A second metric, `verified`, is the fraction whose work
+checks out too (`checks_out`: every step right): right answers reached by wrong steps are
+frequent in a weak policy (39% of the tiny SFT model's right samples), and the reward still
+pays for them. Pure Python, no torch: usable in any reward worker.
 """
 from __future__ import annotations
 
-from rlhf_ops.data.arith import extract_answer, is_correct
+from rlhf_ops.data.arith import checks_out, extract_answer, is_correct
 
 FORMAT_BONUS = 0.1
 
@@ -39,6 +42,7 @@ def rewards(queries: list[str], prompts: list[str], labels: list[str]) -> list[f
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list[str]) -> dict:
-    """The RL loop's entry point: rewards plus per-sample accuracy, logged as a metric."""
+    """The RL loop's entry point: rewards plus per-sample accuracy and verified work, logged as metrics."""
     r = rewards(queries, prompts, labels)
-    return {"rewards": r, "extra_logs": {"accuracy": [float(x == 1.0) for x in r]}}
+    verified = [float(x == 1.0 and checks_out(p, completion_of(q, p))) for x, q, p in zip(r, queries, prompts)]
+    return {"rewards": r, "extra_logs": {"accuracy": [float(x == 1.0) for x in r], "verified": verified}}

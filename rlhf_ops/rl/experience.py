@@ -50,13 +50,43 @@ class Experience:
 
 @dataclass
 class Models:
-    """What experience making needs: the live actor, a frozen reference, an optional critic."""
+    """What experience making needs: the live actor, a frozen reference, an optional critic.
+
+    The three forwards are methods so that models living elsewhere (Ray role groups,
+    `rlhf_ops.ray_rl`) can stand in for local modules; each returns per-action values [N] in
+    row-major order, computed over --micro_rollout_batch_size chunks of the rows.
+    """
     actor: torch.nn.Module
     ref: torch.nn.Module | None
     critic: torch.nn.Module | None
     generator: Generator
     score: Callable[..., Scores]  # (prompt set, sequences, prompt rows, prompt lens, batch=name) -> Scores
     pad_id: int
+
+    def _forward(self, fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], prompt_lens: list[int],
+                 cfg: Any) -> torch.Tensor:
+        return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples)
+
+    def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
+        """logp_N of the actor, in eval mode (no dropout) as the samples were drawn."""
+        was = self.actor.training
+        self.actor.eval()
+        try:
+            return self._forward(lambda b: action_logprobs(self.actor, b, cfg.temperature)[0], sequences, prompt_lens, cfg)
+        finally:
+            self.actor.train(was)
+
+    def ref_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor | None:
+        """logp_N of the frozen reference; None without one."""
+        if self.ref is None:
+            return None
+        return self._forward(lambda b: action_logprobs(self.ref, b, cfg.temperature)[0], sequences, prompt_lens, cfg)
+
+    def values(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor | None:
+        """values_N of the critic; None without one."""
+        if self.critic is None:
+            return None
+        return self._forward(lambda b: action_values(self.critic, b), sequences, prompt_lens, cfg)
 
 
 def sample(models: Models, prompts: PromptSet, idx: Sequence[int], n: int, params: SamplingParams
@@ -85,14 +115,10 @@ def make_experience(models: Models, cfg: Any, sequences: list[list[int]], prompt
     t0 = time.perf_counter()
     resp = [len(s) - p for s, p in zip(sequences, prompt_lens)]
     mask_BT = action_mask(resp)
-    run = lambda m, fn: to_BT(forward_all(fn, sequences, prompt_lens, models.pad_id, cfg.micro_rollout_batch_size,  # noqa: E731
-                                          cfg.packing_samples), resp) if m is not None else None
-    was = models.actor.training
-    models.actor.eval()
-    old_logp = run(models.actor, lambda b: action_logprobs(models.actor, b, cfg.temperature)[0])
-    models.actor.train(was)
-    ref_logp = run(models.ref, lambda b: action_logprobs(models.ref, b, cfg.temperature)[0])
-    values = run(models.critic, lambda b: action_values(models.critic, b)) if cfg.needs_critic else None
+    as_BT = lambda t_N: None if t_N is None else to_BT(t_N, resp)  # noqa: E731
+    old_logp = as_BT(models.old_logprobs(sequences, prompt_lens, cfg))
+    ref_logp = as_BT(models.ref_logprobs(sequences, prompt_lens, cfg))
+    values = as_BT(models.values(sequences, prompt_lens, cfg)) if cfg.needs_critic else None
     kl_BT = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask_BT) if ref_logp is not None else torch.zeros_like(old_logp)
     G = cfg.n_samples_per_prompt
     adv = compute_advantages(cfg.advantage_estimator, scores_PG=scores.rewards.view(-1, G), kl_BT=kl_BT,

@@ -1,9 +1,10 @@
 """Build everything the RL loop needs from an `RLConfig`: prompts, models, engines, scoring, eval."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,6 +14,8 @@ from rlhf_ops.generation.base import HFGenerator, SamplingParams
 from rlhf_ops.rl.config import RLConfig
 from rlhf_ops.rl.experience import Models, PromptSet, sample
 from rlhf_ops.rl.rewards import Scores, call_reward_func, load_reward_func, normalize
+from rlhf_ops.rl.update import train_on
+from rlhf_ops.utils import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,21 @@ class RLSetup:
     def engines(self) -> dict[str, Any]:
         return {"actor": self.actor.module, **({"critic": self.critic.module} if self.critic else {})}
 
+    def train(self, exp: Any, train_actor: bool, kl_coef: float, seed: int) -> dict[str, float]:
+        return train_on(exp, self.actor, self.critic, self.cfg, kl_coef, self.pad_id, train_actor, seed)
+
+    def sync_weights(self) -> None:
+        self.generator.sync_weights(self.actor.module)
+
+    def lr(self) -> float:
+        return self.actor.lr
+
+    def load_checkpoint(self) -> dict | None:
+        return ckpt.load_checkpoint(self.engines(), self.cfg.ckpt_path)
+
+    def save_checkpoint(self, step: int, state: dict) -> None:
+        ckpt.save_checkpoint(self.engines(), self.cfg.ckpt_path, step, state, self.cfg.max_ckpt_num)
+
     def evaluate(self, step: int) -> dict[str, float]:
         cfg, ev = self.cfg, self.eval_prompts
         params = SamplingParams(cfg.eval_temperature, cfg.generate_max_len, cfg.top_p if cfg.eval_temperature > 0 else 1.0,
@@ -84,30 +102,42 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def make_scorer(cfg: RLConfig, tokenizer: Any, reward_model: torch.nn.Module | None):
+@torch.no_grad()
+def reward_model_scores(reward_model: torch.nn.Module, cfg: Any, pad_id: int, seqs: list[list[int]]) -> torch.Tensor:
+    """[B] sequence scores of a reward model over --micro_rollout_batch_size chunks (normalised with
+    --normalize_reward by the mean/std its config stores)."""
+    from rlhf_ops.models.reward import sequence_rewards, token_values
+
+    parts = []
+    for i in range(0, len(seqs), cfg.micro_rollout_batch_size):
+        chunk = seqs[i:i + cfg.micro_rollout_batch_size]
+        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples)
+        parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
+    rm = torch.cat(parts)
+    if cfg.normalize_reward:
+        c = reward_model.config
+        rm = normalize(rm, getattr(c, "mean", None), getattr(c, "std", None))
+    return rm
+
+
+def make_scorer(cfg: RLConfig, tokenizer: Any, reward_model: torch.nn.Module | None,
+                rm_scores: Callable[[list[list[int]]], torch.Tensor] | None = None):
     """(prompt set, sequences, prompt rows, prompt lens, batch=name) -> Scores: reward model + function, clipped.
 
-    `batch` names the batch in error messages ("the rollout of step 3"); default: the call's number."""
+    `batch` names the batch in error messages ("the rollout of step 3"); default: the call's number.
+    `rm_scores(seqs)` stands in for `reward_model_scores` of a reward model that lives elsewhere (Ray)."""
     fn = load_reward_func(cfg.reward_func) if cfg.reward_func else None
     calls = {"n": 0}
+    if rm_scores is None and reward_model is not None:
+        rm_scores = functools.partial(reward_model_scores, reward_model, cfg, tokenizer.pad_token_id)
 
     @torch.no_grad()
     def score(ps: PromptSet, seqs: list[list[int]], rows: list[int], plens: list[int], batch: str | None = None) -> Scores:
         calls["n"] += 1
         total = torch.zeros(len(seqs))
         extra: dict[str, torch.Tensor] = {}
-        if reward_model is not None:
-            from rlhf_ops.models.reward import sequence_rewards, token_values
-            parts = []
-            for i in range(0, len(seqs), cfg.micro_rollout_batch_size):
-                chunk = seqs[i:i + cfg.micro_rollout_batch_size]
-                b = collate(chunk, [[1] * len(c) for c in chunk], tokenizer.pad_token_id, packed=cfg.packing_samples)
-                parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
-            rm = torch.cat(parts)
-            if cfg.normalize_reward:
-                c = reward_model.config
-                rm = normalize(rm, getattr(c, "mean", None), getattr(c, "std", None))
-            total += rm
+        if rm_scores is not None:
+            total += rm_scores(seqs)
         if fn is not None:
             queries = [ps.texts[r] + tokenizer.decode(s[p:], skip_special_tokens=True) for s, r, p in zip(seqs, rows, plens)]
             sc = call_reward_func(fn, cfg.reward_func, queries, [ps.texts[r] for r in rows], [ps.labels[r] for r in rows],
@@ -119,12 +149,50 @@ def make_scorer(cfg: RLConfig, tokenizer: Any, reward_model: torch.nn.Module | N
     return score
 
 
-def build(cfg: RLConfig) -> RLSetup:
-    from rlhf_ops.algos.kl import AdaptiveKLController, FixedKLController
+def model_roles(cfg: RLConfig) -> list[str]:
+    """The models a run needs, in load order: actor, ref (a KL term), reward (a reward model), critic (gae)."""
+    return (["actor"] + (["ref"] if cfg.init_kl_coef > 0 or cfg.use_kl_loss else [])
+            + (["reward"] if cfg.reward_pretrain else []) + (["critic"] if cfg.needs_critic else []))
+
+
+def total_steps(cfg: RLConfig, num_prompts: int) -> int:
+    """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+    G = cfg.n_samples_per_prompt
+    return (num_prompts // cfg.rollout_batch_size) * cfg.num_episodes * cfg.max_epochs \
+        * (cfg.rollout_batch_size * G // cfg.train_batch_size)
+
+
+def load_models(cfg: RLConfig, tokenizer: Any, roles: list[str], steps: int) -> dict[str, Any]:
+    """The models of `roles` in this process's group: actor and critic as engines, ref and reward frozen.
+
+    Trained models load ZeRO-3-partitioned (their engines gather); the frozen reference and reward models are
+    never wrapped in an engine, so they load whole (ds_config None): a partitioned one has empty weights."""
     from rlhf_ops.distributed.engine import create_engine, ds_config, init_distributed
-    from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
+    from rlhf_ops.models.loading import load_causal_lm
     from rlhf_ops.models.lora import apply_lora
     from rlhf_ops.models.reward import load_value_model
+
+    _, world = init_distributed()
+    conf = ds_config(cfg, world) if {"actor", "critic"} & set(roles) else None  # only trained models need one
+    lm = lambda path, c=conf: load_causal_lm(path, bf16=cfg.bf16, flash_attn=cfg.flash_attn, ds_config=c)  # noqa: E731
+    vm = lambda path, c=conf: load_value_model(path, value_head_prefix=cfg.value_head_prefix, bf16=cfg.bf16,  # noqa: E731
+                                               flash_attn=cfg.flash_attn, ds_config=c, pad_token_id=tokenizer.pad_token_id)
+    out: dict[str, Any] = {}
+    if "actor" in roles:
+        out["actor"] = create_engine(apply_lora(lm(cfg.pretrain), cfg), cfg, steps, lr=cfg.actor_learning_rate)
+    if "ref" in roles:
+        out["ref"] = _frozen(lm(cfg.pretrain, None))
+    if "reward" in roles:
+        out["reward"] = _frozen(vm(cfg.reward_pretrain, None))
+    if "critic" in roles:
+        out["critic"] = create_engine(vm(cfg.critic_pretrain or cfg.reward_pretrain or cfg.pretrain), cfg, steps,
+                                      lr=cfg.critic_learning_rate)
+    return out
+
+
+def build(cfg: RLConfig) -> RLSetup:
+    from rlhf_ops.distributed.engine import init_distributed
+    from rlhf_ops.models.loading import load_tokenizer
     from rlhf_ops.utils.tracking import run_metrics
 
     rank, world = init_distributed()
@@ -139,24 +207,16 @@ def build(cfg: RLConfig) -> RLSetup:
     tok = load_tokenizer(cfg.pretrain, cfg.tokenizer_chat_template)
     prompts = build_prompts(cfg, tok, cfg.prompt_data, cfg.prompt_split, cfg.prompt_data_probs)
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
-    conf = ds_config(cfg, world)
-    G = cfg.n_samples_per_prompt
-    steps = (len(prompts) // cfg.rollout_batch_size) * cfg.num_episodes * cfg.max_epochs \
-        * (cfg.rollout_batch_size * G // cfg.train_batch_size)
-    # Trained models load ZeRO-3-partitioned (their engines gather); the frozen reference and reward models are
-    # never wrapped in an engine, so they load whole (ds_config None): a partitioned one has empty weights.
-    lm = lambda path, c=conf: load_causal_lm(path, bf16=cfg.bf16, flash_attn=cfg.flash_attn, ds_config=c)  # noqa: E731
-    actor = create_engine(apply_lora(lm(cfg.pretrain), cfg), cfg, steps, lr=cfg.actor_learning_rate)
-    ref = _frozen(lm(cfg.pretrain, None)) if (cfg.init_kl_coef > 0 or cfg.use_kl_loss) else None
-    vm = lambda path, c=conf: load_value_model(path, value_head_prefix=cfg.value_head_prefix, bf16=cfg.bf16,  # noqa: E731
-                                               flash_attn=cfg.flash_attn, ds_config=c, pad_token_id=tok.pad_token_id)
-    rm = _frozen(vm(cfg.reward_pretrain, None)) if cfg.reward_pretrain else None
-    critic = None
-    if cfg.needs_critic:
-        critic = create_engine(vm(cfg.critic_pretrain or cfg.reward_pretrain or cfg.pretrain), cfg, steps,
-                               lr=cfg.critic_learning_rate)
+    m = load_models(cfg, tok, model_roles(cfg), total_steps(cfg, len(prompts)))
+    actor, critic = m["actor"], m.get("critic")
     gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size)
-    models = Models(actor.module, ref, critic.module if critic else None, gen, make_scorer(cfg, tok, rm), tok.pad_token_id)
-    kl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.init_kl_coef)
+    models = Models(actor.module, m.get("ref"), critic.module if critic else None, gen, make_scorer(cfg, tok, m.get("reward")),
+                    tok.pad_token_id)
     metrics = run_metrics(cfg, rank)
-    return RLSetup(cfg, tok, prompts, evals, actor, critic, models, gen, kl, metrics, tok.pad_token_id)
+    return RLSetup(cfg, tok, prompts, evals, actor, critic, models, gen, kl_controller(cfg), metrics, tok.pad_token_id)
+
+
+def kl_controller(cfg: RLConfig) -> Any:
+    from rlhf_ops.algos.kl import AdaptiveKLController, FixedKLController
+
+    return AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.init_kl_coef)

@@ -68,35 +68,55 @@ def token_mean_scales(resp_lens: list[int], micro_batches: list[list[int]]) -> l
 
     A micro-batch's token mean times (its tokens x accumulation steps / the step's tokens),
     averaged over the accumulation steps, is the step's token sum over the step's tokens.
+    Across data-parallel ranks the same holds with `micro_batches` = every rank's micro-batches of
+    the step: DeepSpeed divides by accumulation steps x world size, which is their number.
     """
     tokens = [sum(resp_lens[i] for i in mb) for mb in micro_batches]
     total = sum(tokens)
     return [t * len(micro_batches) / total for t in tokens]
 
 
+MicroBatch = tuple[list[int], float]  # (experience rows, loss scale)
+
+
+def plan_updates(resp_lens: list[int], cfg: Any, seed: int) -> list[list[MicroBatch]]:
+    """The optimizer steps of --max_epochs passes over an experience of len(resp_lens) rows: each a
+    shuffled --train_batch_size slice cut into --micro_train_batch_size micro-batches, with their
+    loss scales (`token_mean_scales`; Dr. GRPO's constant normaliser needs no rescaling)."""
+    g = torch.Generator().manual_seed(seed)
+    mb, steps = cfg.micro_train_batch_size, []
+    for _ in range(cfg.max_epochs):
+        order = torch.randperm(len(resp_lens), generator=g).tolist()
+        for start in range(0, len(order), cfg.train_batch_size):
+            step = order[start:start + cfg.train_batch_size]
+            micro = [step[i:i + mb] for i in range(0, len(step), mb)]
+            scales = [1.0] * len(micro) if cfg.advantage_estimator == "dr_grpo" else token_mean_scales(resp_lens, micro)
+            steps.append(list(zip(micro, scales)))
+    return steps
+
+
+def run_updates(exp: Experience, actor: Any | None, critic: Any | None, cfg: Any, kl_coef: float, pad_id: int,
+                steps: list[list[MicroBatch]]) -> tuple[dict[str, float], int]:
+    """Run planned micro-batches through the actor (None: frozen) and critic engines: (metric sums, micro-batches)."""
+    sums: dict[str, float] = {}
+    n = 0
+    for step in steps:
+        for idx, scale in step:
+            m = actor_step(actor, exp, idx, cfg, kl_coef, pad_id, scale) if actor is not None else {}
+            if critic is not None:
+                m.update(critic_step(critic, exp, idx, cfg, pad_id, scale))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    return sums, n
+
+
 def train_on(exp: Experience, actor: Any, critic: Any | None, cfg: Any, kl_coef: float, pad_id: int,
              train_actor: bool, seed: int) -> dict[str, float]:
     """--max_epochs passes over the experience; returns metrics averaged over micro-batches.
 
-    Each --train_batch_size slice of the shuffled experience is one optimizer step. Token-mean
-    losses are normalised by the step's tokens (`token_mean_scales`); Dr. GRPO's constant
-    normaliser needs no rescaling.
+    Each --train_batch_size slice of the shuffled experience is one optimizer step (`plan_updates`).
     """
-    sums: dict[str, float] = {}
-    n = 0
-    g = torch.Generator().manual_seed(seed)
-    mb = cfg.micro_train_batch_size
-    for _ in range(cfg.max_epochs):
-        order = torch.randperm(len(exp), generator=g).tolist()
-        for start in range(0, len(order), cfg.train_batch_size):
-            step = order[start:start + cfg.train_batch_size]
-            micro = [step[i:i + mb] for i in range(0, len(step), mb)]
-            scales = [1.0] * len(micro) if cfg.advantage_estimator == "dr_grpo" else token_mean_scales(exp.response_lens, micro)
-            for idx, scale in zip(micro, scales):
-                m = actor_step(actor, exp, idx, cfg, kl_coef, pad_id, scale) if train_actor else {}
-                if critic is not None:
-                    m.update(critic_step(critic, exp, idx, cfg, pad_id, scale))
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
+    sums, n = run_updates(exp, actor if train_actor else None, critic, cfg, kl_coef, pad_id,
+                          plan_updates(exp.response_lens, cfg, seed))
     return {k: v / n for k, v in sums.items()}

@@ -6,6 +6,9 @@
                             --max_epochs passes of clipped policy (+ value) updates
 
 The estimator is a config value: only `compute_advantages` and the loss aggregation look at it.
+`run_rl` takes a built setup: local engines (`rl.setup.build`, `train_ppo`) or Ray role groups
+(`ray_rl.run.build_ray`, `train_ppo_ray`); the loop only calls the setup's methods (train,
+sync_weights, lr, save/load_checkpoint, evaluate, save), so both run the same code.
 Checkpoints hold actor and critic engines (weights, optimizers, schedulers), the data cursor,
 RNG states and the KL controller, so `--load_checkpoint` resumes exactly.
 """
@@ -21,7 +24,6 @@ from rlhf_ops.generation.base import SamplingParams
 from rlhf_ops.rl.config import RLConfig
 from rlhf_ops.rl.experience import Experience, keep_groups, make_experience, sample
 from rlhf_ops.rl.setup import RLSetup, build
-from rlhf_ops.rl.update import train_on
 from rlhf_ops.utils import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -79,14 +81,19 @@ def collect(s: RLSetup, cursor: int, order: list[int], step: int) -> tuple[Exper
 
 
 def train_rl(cfg: RLConfig) -> dict[str, float]:
+    return run_rl(build(cfg))
+
+
+def run_rl(s: RLSetup) -> dict[str, float]:
+    """The loop over a built setup: local engines (`rl.setup.build`) or Ray role groups (`ray_rl.driver`)."""
     from tqdm.auto import tqdm
 
-    s = build(cfg)
+    cfg = s.cfg
     steps_per_episode = len(s.prompts) // cfg.rollout_batch_size
     if steps_per_episode == 0:
         from rlhf_ops.config import ConfigError
         raise ConfigError(f"--rollout_batch_size {cfg.rollout_batch_size} is larger than the prompt set ({len(s.prompts)} prompts)")
-    state = ckpt.load_checkpoint(s.engines(), cfg.ckpt_path) if cfg.load_checkpoint else None
+    state = s.load_checkpoint() if cfg.load_checkpoint else None
     step, episode, cursor = (state["global_step"], state["episode"], state["cursor"]) if state else (0, 0, 0)
     if state:
         s.kl.load_state_dict(state["kl"])
@@ -105,26 +112,25 @@ def train_rl(cfg: RLConfig) -> dict[str, float]:
                     break
                 t1 = time.perf_counter()
                 train_actor = step >= cfg.freezing_actor_steps
-                m = train_on(exp, s.actor, s.critic, cfg, s.kl.value, s.pad_id, train_actor, cfg.seed + step)
+                m = s.train(exp, train_actor, s.kl.value, cfg.seed + step)
             except FloatingPointError as e:
                 raise FloatingPointError(
                     f"rl: {e} at step {step + 1} (episode {episode}); nothing of this step was saved; last good "
                     f"checkpoint: {ckpt.latest_checkpoint(cfg.ckpt_path) or 'none'} in {cfg.ckpt_path}") from e
-            s.generator.sync_weights(s.actor.module)
+            s.sync_weights()
             s.kl.update(exp.metrics["kl"], len(exp))
             step += 1
             bar.update(1)
             logs = {**exp.metrics, **m, "kl_coef": s.kl.value, "time_train": time.perf_counter() - t1,
-                    "time_step": time.perf_counter() - t0, "episode": episode, "lr": s.actor.lr}
+                    "time_step": time.perf_counter() - t0, "episode": episode, "lr": s.lr()}
             if step % cfg.logging_steps == 0:
                 s.metrics.log(step, logs)
             bar.set_postfix(reward=f"{logs['reward']:.3f}", kl=f"{logs['kl']:.4f}")
             if cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and s.eval_prompts is not None:
                 final = s.evaluate(step)
             if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-                ckpt.save_checkpoint(s.engines(), cfg.ckpt_path, step,
-                                     {"global_step": step, "episode": episode, "cursor": cursor,
-                                      "kl": s.kl.state_dict()}, cfg.max_ckpt_num)
+                s.save_checkpoint(step, {"global_step": step, "episode": episode, "cursor": cursor,
+                                         "kl": s.kl.state_dict()})
         episode, cursor = episode + 1, 0
     bar.close()
     if s.eval_prompts is not None and (cfg.eval_steps <= 0 or step % cfg.eval_steps):

@@ -12,6 +12,9 @@ TINY_SIZES = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, int
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/, which holds torchrun and deepspeed
 LOG_TAIL = 6000
+TEMPLATE = "User: {}\nAssistant: "
+# a dense, cheap reward for RL loop tests: any policy change moves it
+LENGTH_REWARD = "def reward_func(queries, prompts, labels):\n    return [len(q) % 7 / 7.0 for q in queries]\n"
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -76,3 +79,11 @@ def save_test_reward_model(model_dir: Path, out: Path) -> Path:
     rm.save_pretrained(out)
     load_tokenizer(str(model_dir)).save_pretrained(out)
     return out
+
+
+
+def tiny_policy(tmp_path_factory, tag: str) -> Path:
+    """The RL tests' very small Llama (TINY_SIZES, seed 0), saved with its tokenizer."""
+    from rlhf_ops.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp(f"{tag}_tiny") / "model", seed=0, **TINY_SIZES)

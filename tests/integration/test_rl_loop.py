@@ -20,18 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import save_test_reward_model, to_argv
+from _helpers import LENGTH_REWARD, TEMPLATE, save_test_reward_model, tiny_policy, to_argv
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
-TEMPLATE = "User: {}\nAssistant: "
-LENGTH_REWARD = "def reward_func(queries, prompts, labels):\n    return [len(q) % 7 / 7.0 for q in queries]\n"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from rlhf_ops.models.tiny import make_tiny
-    return make_tiny(tmp_path_factory.mktemp("rl_tiny") / "model", seed=0, **TINY)
+    return tiny_policy(tmp_path_factory, "rl")
 
 
 @pytest.fixture(scope="module")

@@ -130,10 +130,29 @@ def test_reward_func():
     assert rewards == [1.0, FORMAT_BONUS, 0.0, 1.0]
     assert all(isinstance(r, float) for r in rewards)
     assert reward_func(queries, [prompt] * 4, ["66"] * 4) == {
-        "rewards": [1.0, FORMAT_BONUS, 0.0, 1.0], "extra_logs": {"accuracy": [1.0, 0.0, 0.0, 1.0]}}
+        "rewards": [1.0, FORMAT_BONUS, 0.0, 1.0],
+        "extra_logs": {"accuracy": [1.0, 0.0, 0.0, 1.0], "verified": [1.0, 0.0, 0.0, 0.0]}}
     assert reward_list([], [], []) == []
     with pytest.raises(ValueError, match="length"):
         reward_func(["a"], [], ["1"])
+
+
+def test_checks_out_needs_every_step_right_and_chained():
+    from rlhf_ops.data.arith import checks_out, make_problems
+
+    for p in make_problems(50, seed=3):  # the reference solution of every difficulty checks out
+        assert checks_out(f"User: {p.question}\nAssistant: ", p.solution), p
+    q = "User: What is 16 - 6 + 6?\nAssistant: "
+    assert checks_out(q, "16 - 6 = 10\n10 + 6 = 16\nAnswer: 16")
+    assert not checks_out(q, "16 - 6 = 7\n7 + 6 = 16\nAnswer: 16")     # lucky chain: wrong step, right answer
+    assert not checks_out(q, "16 - 6 = 10\n10 + 6 = 16\nAnswer: 15")    # answer line not the last result
+    assert not checks_out(q, "16 - 6 = 10\n11 + 6 = 17\nAnswer: 17")    # step not chained on the previous result
+    assert not checks_out(q, "16 + 6 = 22\n22 - 6 = 16\nAnswer: 16")    # operations out of order
+    assert not checks_out(q, "16 - 6 = 10\nAnswer: 16")                  # a step missing
+    assert not checks_out(q, "Answer: 16")
+    assert not checks_out("no question here", "Answer: 16")
+    assert checks_out("User: What is 3 * 2 - 3?\nAssistant: ", "3 * 2 = 6\n6 - 3 = 3\nAnswer: 3")
+    assert not checks_out("User: What is 3 * 2 - 3?\nAssistant: ", "3 * 2 = 9\n9 - 3 = 3\nAnswer: 3")
 
 
 def test_reward_ignores_answers_inside_the_prompt():

@@ -1,0 +1,144 @@
+"""RoleGroup: the Ray actors (one per rank) of one worker group, and calls that gather their results.
+
+A group forms its own torch.distributed process group (gloo on CPU, nccl on GPU): rank 0 picks
+its node's address and a free port, then every rank gets MASTER_ADDR, MASTER_PORT, RANK,
+WORLD_SIZE and LOCAL_RANK before it builds its DeepSpeed engines. LOCAL_RANK is 0: Ray gives each
+GPU actor its own CUDA_VISIBLE_DEVICES, in which its GPU is device 0.
+
+A dead rank surfaces as `RoleDied("actor rank 1 died during train: ...")`. An error raised inside
+a rank that the CLI reports in one line (bad config, data or rewards, a non-finite loss) is
+re-raised as itself; anything else keeps Ray's remote traceback.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rlhf_ops.ray_rl.placement import GroupSpec
+
+# environment the workers inherit from the driver (threads, offline switches, accelerator, trackers)
+PASS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+            "TRANSFORMERS_OFFLINE", "HF_HOME", "WANDB_MODE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR")
+
+
+class RoleDied(RuntimeError):
+    """A rank's process died (killed, out of memory, crashed); the message names the group and rank."""
+
+
+def shares(n: int, world: int) -> list[range]:
+    """Split range(n) into `world` contiguous, balanced, in-order parts (the first n % world get one more)."""
+    base, extra = divmod(n, world)
+    out, start = [], 0
+    for r in range(world):
+        stop = start + base + (r < extra)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def worker_env(gpu: bool, cpus_per_rank: float) -> dict[str, str]:
+    import os
+
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(cpus_per_rank))))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if gpu:
+        env.pop("DS_ACCELERATOR", None)  # a CPU-only driver's setting must not pin GPU workers to the CPU
+    else:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+class RoleGroup:
+    """`spec.ranks` Ray actors of `worker_cls` (default `worker.RoleWorker`) on bundles `first_bundle`... of `pg`."""
+
+    def __init__(self, spec: GroupSpec, pg: Any, first_bundle: int, gpu: bool, cpus_per_rank: float,
+                 worker_cls: type | None = None):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from rlhf_ops.ray_rl.worker import RoleWorker
+
+        self.spec, self.name = spec, spec.name
+        cls = ray.remote(worker_cls or RoleWorker)
+        env = worker_env(gpu, cpus_per_rank)
+        self.workers = [
+            cls.options(num_cpus=cpus_per_rank, num_gpus=1 if gpu else 0, runtime_env={"env_vars": env},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + r))
+            .remote() for r in range(spec.ranks)]
+
+    @property
+    def world(self) -> int:
+        return len(self.workers)
+
+    def start(self, cfg: Any, steps: int) -> dict[int, Any]:
+        """Form the group's process group and load its models on every rank; returns the pending calls
+        (`gather(..., "setup")` them), so that several groups start at the same time."""
+        addr, port = self.call_ranks("rendezvous", {0: ()})[0]
+        envs = [{"MASTER_ADDR": addr, "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": str(self.world),
+                 "LOCAL_RANK": "0"} for r in range(self.world)]
+        return self.submit("setup", {r: (envs[r], cfg, self.spec.roles, steps) for r in range(self.world)})
+
+    def run(self, method: str, *args: Any) -> list[Any]:
+        """Call `method(*args)` on every rank; results in rank order."""
+        return self.call_ranks(method, {r: args for r in range(self.world)})
+
+    def call_ranks(self, method: str, args: dict[int, Sequence[Any]]) -> list[Any]:
+        """Call `method` on the ranks in `args` (rank -> arguments); results in rank order."""
+        return self.gather(self.submit(method, args), method)
+
+    def submit(self, method: str, args: dict[int, Sequence[Any]]) -> dict[int, Any]:
+        return {r: getattr(self.workers[r], method).remote(*a) for r, a in args.items()}
+
+    def gather(self, refs: dict[int, Any], method: str, grace: float = 10.0) -> list[Any]:
+        """Wait for every rank. On a failure, the other ranks get `grace` seconds to report, and a dead rank
+        is blamed first: its peers' collectives fail as a consequence (gloo: "connection closed by peer")."""
+        import ray
+
+        rank_of = {ref: r for r, ref in refs.items()}
+        results: dict[int, Any] = {}
+        while rank_of:
+            ready, _ = ray.wait(list(rank_of), num_returns=1)
+            r = rank_of.pop(ready[0])
+            try:
+                results[r] = self._get(ready[0], r, method)
+            except RoleDied:
+                raise
+            except BaseException:
+                done, _ = ray.wait(list(rank_of), num_returns=len(rank_of), timeout=grace)
+                for ref in done:
+                    self._get_quiet(ref, rank_of[ref], method)
+                raise
+        return [results[r] for r in sorted(results)]
+
+    def _get_quiet(self, ref: Any, rank: int, method: str) -> None:
+        """Raise RoleDied if this rank died; ignore any other outcome."""
+        try:
+            self._get(ref, rank, method)
+        except RoleDied:
+            raise
+        except BaseException:
+            pass
+
+    def _get(self, ref: Any, rank: int, method: str) -> Any:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+
+        from rlhf_ops.config import ConfigError
+        from rlhf_ops.data.sources import DataError
+        from rlhf_ops.rl.rewards import RewardError
+
+        try:
+            return ray.get(ref)
+        except (RayActorError, ActorUnavailableError, WorkerCrashedError) as e:
+            detail = " ".join(str(e).split())[:400]
+            raise RoleDied(f"{self.name} rank {rank} died during {method}: {detail}") from None
+        except RayTaskError as e:
+            if isinstance(e.cause, (ConfigError, DataError, RewardError, FloatingPointError)):
+                raise e.cause from None
+            raise
+
+    def kill(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)

@@ -1,0 +1,96 @@
+"""`train_ppo_ray`'s typed config: `RLConfig` plus where each model runs, under the reference's names.
+
+Each role (actor, critic, reference, reward model) gets `<role>_num_nodes x <role>_num_gpus_per_node`
+ranks. Defaults are one rank per role (the reference defaults to 8 GPUs per role, which no CPU
+machine can place). On a cluster without GPUs every "GPU" is one CPU process holding
+`--ray_cpus_per_rank` Ray CPUs (an option of ours, not the reference's).
+
+Colocation puts roles in the same worker processes (so the same bundles): `--colocate_actor_ref`
+(ref on the actor's ranks), `--colocate_critic_reward` (reward model on the critic's),
+`--colocate_all_models` (everything on the actor's). Colocated roles must have the same layout.
+
+The vLLM options are accepted and validated so that commands written for the reference parse, but
+vLLM engines are not wired yet: `--vllm_num_engines` must stay 0 (the actor ranks generate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf_ops.config import check, opt
+from rlhf_ops.rl.config import RLConfig
+
+ROLES = ("actor", "critic", "ref", "reward")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    actor_num_nodes: int = opt(1, "Number of nodes for the actor")
+    actor_num_gpus_per_node: int = opt(1, "GPUs per node for the actor (CPU cluster: one process each)")
+    critic_num_nodes: int = opt(1, "Number of nodes for the critic")
+    critic_num_gpus_per_node: int = opt(1, "GPUs per node for the critic (CPU cluster: one process each)")
+    ref_num_nodes: int = opt(1, "Number of nodes for the reference model")
+    ref_num_gpus_per_node: int = opt(1, "GPUs per node for the reference model (CPU cluster: one process each)")
+    reward_num_nodes: int = opt(1, "Number of nodes for the reward model")
+    reward_num_gpus_per_node: int = opt(1, "GPUs per node for the reward model (CPU cluster: one process each)")
+    colocate_actor_ref: bool = opt(False, "Put the reference model in the actor's processes (same GPUs); layouts must match")
+    colocate_critic_reward: bool = opt(False, "Put the reward model in the critic's processes (same GPUs); layouts must match")
+    colocate_all_models: bool = opt(False, "Put every model in the actor's processes (same GPUs); layouts must match")
+    ref_reward_offload: bool = opt(False, "Offload the reference and reward models to CPU between uses (not implemented yet: a warning)")
+    ray_cpus_per_rank: float = opt(1.0, "Ray CPUs each rank reserves (on a cluster without GPUs, each rank is one CPU process); "
+                                        "fractions let a 2-core machine place 3-4 tiny ranks")
+    placement_timeout: float = opt(60.0, "Seconds to wait for the placement group before failing")
+    vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); > 0 is not wired yet")
+    vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine")
+    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM")
+    vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights with ray.util.collective")
+    vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use")
+    enable_prefix_caching: bool = opt(False, "Enable prefix caching in vLLM generation")
+    enforce_eager: bool = opt(False, "Disable CUDA graphs in vLLM")
+
+
+@dataclass(frozen=True)
+class RayPPOConfig(RayOptions, RLConfig):
+    """PPO / REINFORCE++ / GRPO / RLOO / Dr. GRPO over Ray actor groups (python -m rlhf_ops.cli.train_ppo_ray)."""
+
+    def ranks(self, role: str) -> int:
+        """Processes of a role: nodes x GPUs per node."""
+        return getattr(self, f"{role}_num_nodes") * getattr(self, f"{role}_num_gpus_per_node")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for role in ROLES:
+            for part in ("num_nodes", "num_gpus_per_node"):
+                v = getattr(self, f"{role}_{part}")
+                check(v >= 1, f"{role}_{part}", f"must be >= 1, got {v}")
+        check(self.ray_cpus_per_rank > 0, "ray_cpus_per_rank", f"must be > 0, got {self.ray_cpus_per_rank}")
+        check(self.placement_timeout > 0, "placement_timeout", f"must be > 0, got {self.placement_timeout}")
+        self._check_colocation()
+        for role in ("actor", "critic")[:1 + self.needs_critic]:  # trained roles: data parallel over their ranks
+            n = self.ranks(role)
+            per_step = self.micro_train_batch_size * n
+            check(self.train_batch_size % per_step == 0, "train_batch_size",
+                  f"{self.train_batch_size} is not divisible by --micro_train_batch_size {self.micro_train_batch_size} "
+                  f"x {role} ranks {n} (--{role}_num_nodes {getattr(self, role + '_num_nodes')} x "
+                  f"--{role}_num_gpus_per_node {getattr(self, role + '_num_gpus_per_node')}) = {per_step}")
+        check(self.vllm_num_engines >= 0, "vllm_num_engines", f"must be >= 0, got {self.vllm_num_engines}")
+        check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
+        check(0.0 < self.vllm_gpu_memory_utilization <= 1.0, "vllm_gpu_memory_utilization",
+              f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check(self.vllm_num_engines == 0, "vllm_num_engines",
+              "vLLM engines are not wired yet; use --vllm_num_engines 0 (the actor generates)")
+
+    def _check_colocation(self) -> None:
+        pairs = [("colocate_actor_ref", "actor", "ref"), ("colocate_critic_reward", "critic", "reward")]
+        pairs += [("colocate_all_models", "actor", r) for r in ("critic", "ref", "reward")]
+        for flag, a, b in pairs:
+            if getattr(self, flag) and b in self.roles():
+                layout = lambda r: (getattr(self, f"{r}_num_nodes"), getattr(self, f"{r}_num_gpus_per_node"))  # noqa: E731
+                check(layout(a) == layout(b), flag,
+                      f"colocated roles need the same layout: {a} is {layout(a)[0]} nodes x {layout(a)[1]} GPUs, "
+                      f"{b} is {layout(b)[0]} nodes x {layout(b)[1]} GPUs")
+
+    def roles(self) -> list[str]:
+        """The models this run needs (see `rl.setup.model_roles`)."""
+        from rlhf_ops.rl.setup import model_roles
+        return model_roles(self)
