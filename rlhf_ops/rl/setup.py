@@ -111,7 +111,7 @@ def reward_model_scores(reward_model: torch.nn.Module, cfg: Any, pad_id: int, se
     parts = []
     for i in range(0, len(seqs), cfg.micro_rollout_batch_size):
         chunk = seqs[i:i + cfg.micro_rollout_batch_size]
-        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples)
+        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples, flash_attn=cfg.flash_attn)
         parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
     rm = torch.cat(parts)
     if cfg.normalize_reward:

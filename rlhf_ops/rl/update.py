@@ -16,10 +16,11 @@ from rlhf_ops.rl.experience import Experience
 from rlhf_ops.rl.forward import action_logprobs, action_values, response_batch, to_BT
 
 
-def _micro(exp: Experience, idx: list[int], pad_id: int, packed: bool, device: Any):
+def _micro(exp: Experience, idx: list[int], pad_id: int, cfg: Any, device: Any):
     resp = [exp.response_lens[i] for i in idx]
     T = max(resp)
-    batch = response_batch([exp.sequences[i] for i in idx], [exp.prompt_lens[i] for i in idx], pad_id, packed).to(device)
+    batch = response_batch([exp.sequences[i] for i in idx], [exp.prompt_lens[i] for i in idx], pad_id,
+                           cfg.packing_samples, cfg.flash_attn).to(device)
     take = lambda t: None if t is None else t[idx, :T].to(device)  # noqa: E731
     return batch, resp, take
 
@@ -27,7 +28,7 @@ def _micro(exp: Experience, idx: list[int], pad_id: int, packed: bool, device: A
 def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: float, pad_id: int,
                scale: float = 1.0) -> dict[str, float]:
     """One micro-batch of the clipped policy loss (+ KL loss, - entropy bonus); backward x `scale`."""
-    batch, resp, take = _micro(exp, idx, pad_id, cfg.packing_samples, engine.module.device)
+    batch, resp, take = _micro(exp, idx, pad_id, cfg, engine.module.device)
     logp_N, ent_N = action_logprobs(engine.module, batch, cfg.temperature, with_entropy=True)
     logp_BT, mask_BT = to_BT(logp_N, resp), take(exp.mask_BT)
     dr = cfg.advantage_estimator == "dr_grpo"
@@ -53,7 +54,7 @@ def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: 
 def critic_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, pad_id: int,
                 scale: float = 1.0) -> dict[str, float]:
     """One micro-batch of the clipped value loss; backward x `scale`."""
-    batch, resp, take = _micro(exp, idx, pad_id, cfg.packing_samples, engine.module.device)
+    batch, resp, take = _micro(exp, idx, pad_id, cfg, engine.module.device)
     values_BT = to_BT(action_values(engine.module, batch), resp)
     vl = value_loss(values_BT, take(exp.values_BT), take(exp.returns_BT), take(exp.mask_BT), clip_eps=cfg.value_clip)
     if not torch.isfinite(vl.loss.detach()):

@@ -256,3 +256,23 @@ def test_token_mean_scales_by_hand():
     # responses of 6, 2, 1 and 3 tokens in micro-batches [0, 1] (8 tokens) and [2, 3] (4 tokens); 12 in the step:
     # scale = tokens * 2 micro-batches / 12 -> 16/12 and 8/12; mean of (mean_mb * scale) = sum of all / 12
     assert token_mean_scales([6, 2, 1, 3], [[0, 1], [2, 3]]) == pytest.approx([16 / 12, 8 / 12], abs=1e-12)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_rl_forwards_build_packed_batches_for_the_attention_kernel_asked_for(flash_attn):
+    """--packing_samples with --flash_attn: the varlen kernel takes position ids and no mask; without
+    it the packed row carries the block-diagonal mask (the RL forwards used to drop the flag)."""
+    from rlhf_ops.rl.experience import forward_all
+
+    seen = []
+
+    def fn(batch):
+        seen.append(batch)
+        return torch.zeros(int((batch.targets_BT != -100).sum()))
+
+    seqs, plens = [[5, 6, 7, 8], [5, 6, 9], [5, 7]], [2, 2, 1]
+    out = forward_all(fn, seqs, plens, pad_id=0, micro=2, packed=True, flash_attn=flash_attn)
+    assert out.shape == (2 + 1 + 1,) and len(seen) == 2
+    first = seen[0]
+    assert first.position_ids_BT.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert (first.attention_mask is None) == flash_attn
