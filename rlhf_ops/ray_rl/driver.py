@@ -61,6 +61,39 @@ class RemoteGenerator:
         """Nothing to copy: the actor ranks generate on their live training weights."""
 
 
+class VLLMEngineGenerator:
+    """`Generator` over one vLLM engine owned by the driver (`--vllm_num_engines 1`), fed by the actor group.
+
+    `sync_weights` has the actor ranks write the current weights (safetensors, HF names, gathered
+    under ZeRO-3) into a folder of the driver's, then the engine reloads them and drops its prefix
+    cache; it runs before the first rollout too, so a resumed run samples from its checkpoint.
+    The folder must be visible to actor rank 0 and the driver (one machine or a shared filesystem).
+    """
+
+    def __init__(self, cfg: Any, tokenizer: Any, actor_group: RoleGroup):
+        import tempfile
+
+        from rlhf_ops.generation.vllm_engine import VLLMGenerator
+
+        self.group = actor_group
+        self.dir = Path(tempfile.mkdtemp(prefix="rlhf_vllm_sync_"))
+        self.engine = VLLMGenerator(cfg.pretrain, tokenizer, enforce_eager=cfg.enforce_eager,
+                                    enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
+                                    micro_batch_size=cfg.micro_rollout_batch_size)
+        logger.info("vLLM engine started in %.1f s", self.engine.start_s)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        return self.engine.generate(prompts, params)
+
+    def sync_weights(self, model: Any = None) -> None:
+        self.group.run("write_actor_weights", str(self.dir))
+        self.engine.load_weights(self.dir)
+
+    def close(self) -> None:
+        self.engine.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class RemoteModels(Models):
     """`Models` whose forwards run on the groups holding each role (`holder`: role -> group)."""
 
@@ -161,8 +194,11 @@ class RaySetup(RLSetup):
             self.holder["critic"].run("save_model", "critic", self.cfg.save_path.rstrip("/") + "_critic", {})
 
     def close(self) -> None:
-        """Stop this run's workers and free its bundles (the Ray cluster itself is left alone)."""
+        """Stop this run's workers, its vLLM engine and free its bundles (the Ray cluster itself is left alone)."""
         from ray.util.placement_group import remove_placement_group
+
+        if hasattr(self.generator, "close"):
+            self.generator.close()
 
         for g in self.groups.values():
             g.kill()

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from rlhf_ops.ray_rl.driver import RaySetup, RemoteGenerator, RemoteModels, lockstep, remote_reward_scores
+from rlhf_ops.ray_rl.driver import (RaySetup, RemoteGenerator, RemoteModels, VLLMEngineGenerator, lockstep,
+                                    remote_reward_scores)
 from rlhf_ops.ray_rl.group import RoleGroup
 from rlhf_ops.ray_rl.placement import describe, place, plan_groups
 from rlhf_ops.rl.ray_config import RayPPOConfig
@@ -71,7 +72,10 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
         remove_placement_group(pg)
         raise
     holder = {role: g for g in groups.values() for role in g.spec.roles}
-    gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
+    if cfg.vllm_num_engines:
+        gen = VLLMEngineGenerator(cfg, tok, holder["actor"])
+    else:
+        gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
     rm = remote_reward_scores(holder["reward"], cfg.micro_rollout_batch_size) if "reward" in holder else None
     models = RemoteModels(holder, gen, make_scorer(cfg, tok, None, rm_scores=rm), tok.pad_token_id)
     return RaySetup(cfg, tok, prompts, evals, None, None, models, gen, kl_controller(cfg), run_metrics(cfg, 0),

@@ -46,7 +46,10 @@ class RoleWorker:
         self.tokenizer = load_tokenizer(cfg.pretrain, cfg.tokenizer_chat_template)
         self.m = load_models(cfg, self.tokenizer, list(roles), steps)
         actor, critic = self.m.get("actor"), self.m.get("critic")
-        self.gen = HFGenerator(actor.module, self.tokenizer, cfg.micro_rollout_batch_size) if actor else None
+        # under ZeRO-3 every rank must run the same forwards (collective weight gathers), so no rank may
+        # skip its old-logprob forward on the strength of its own records
+        record = cfg.use_rollout_logprobs and not (cfg.zero_stage == 3 and int(env.get("WORLD_SIZE", "1")) > 1)
+        self.gen = HFGenerator(actor.module, self.tokenizer, cfg.micro_rollout_batch_size, record) if actor else None
         self.models = Models(actor.module if actor else None, self.m.get("ref"), critic.module if critic else None,
                              self.gen, None, self.tokenizer.pad_token_id)  # type: ignore[arg-type]
 
@@ -54,6 +57,13 @@ class RoleWorker:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep: range) -> list[list[int]]:
         return self.gen.generate(prompts, params, chunks=keep)
+
+    def write_actor_weights(self, directory: str) -> None:
+        """The actor's full HF-named weights to `directory`/model.safetensors (rank 0 writes; under
+        ZeRO-3 every rank takes part in the gather), for the driver's vLLM engine to reload."""
+        from rlhf_ops.generation.vllm_engine import save_hf_weights
+
+        save_hf_weights(self.m["actor"].module, directory)
 
     def forward(self, role: str, seqs: list[list[int]], plens: list[int], rounds: int = 0,
                 filler: tuple[list[list[int]], list[int]] | None = None) -> torch.Tensor:

@@ -73,6 +73,8 @@ class RLConfig(PromptOptions, LoRAOptions, TrainOptions):
     save_path: str = opt("./ckpt/ppo", "Final actor save path (Hugging Face format)")
     ckpt_path: str = opt("./ckpt/checkpoints_ppo", "Resumable checkpoints (actor, critic, optimizers, data position, RNG, KL controller)")
     packing_samples: bool = opt(False, "Pack each micro-batch into one row in the training and scoring forwards")
+    use_rollout_logprobs: bool = opt(False, "PPO old logprobs from the sampler (HF generate records them) instead of a "
+                                            "second actor forward; same weights and fp32: equal within ~1e-6")
     micro_train_batch_size: int = opt(4, "Sequences per training forward/backward")
     train_batch_size: int = opt(128, "Sequences per optimizer step (PPO mini-batch)")
 

@@ -69,7 +69,14 @@ class Models:
                            cfg.flash_attn)
 
     def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
-        """logp_N of the actor, in eval mode (no dropout) as the samples were drawn."""
+        """logp_N of the actor, in eval mode (no dropout) as the samples were drawn.
+
+        With --use_rollout_logprobs, the ones the generator recorded while sampling these very
+        sequences (no second forward); any sequence it has no record of sends the whole batch
+        through the forward, so the result never mixes sources."""
+        recorded = rollout_logprobs(self.generator, sequences, prompt_lens) if cfg.use_rollout_logprobs else None
+        if recorded is not None:
+            return recorded
         was = self.actor.training
         self.actor.eval()
         try:
@@ -88,6 +95,23 @@ class Models:
         if self.critic is None:
             return None
         return self._forward(lambda b: action_values(self.critic, b), sequences, prompt_lens, cfg)
+
+
+def rollout_logprobs(generator: Any, sequences: list[list[int]], prompt_lens: list[int]) -> torch.Tensor | None:
+    """logp_N the generator recorded for `sequences` (row-major), or None when any is missing.
+    Clears the generator's record: each rollout is looked up once."""
+    table = getattr(generator, "rollout_logprobs", None)
+    if not table:
+        return None
+    try:
+        rows = [table[tuple(s)] for s in sequences]
+    except KeyError:
+        return None
+    finally:
+        table.clear()
+    if any(len(r) != len(s) - p for r, s, p in zip(rows, sequences, prompt_lens)):
+        return None
+    return torch.tensor([x for r in rows for x in r], dtype=torch.float32)
 
 
 def sample(models: Models, prompts: PromptSet, idx: Sequence[int], n: int, params: SamplingParams

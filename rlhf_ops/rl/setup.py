@@ -209,7 +209,7 @@ def build(cfg: RLConfig) -> RLSetup:
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     m = load_models(cfg, tok, model_roles(cfg), total_steps(cfg, len(prompts)))
     actor, critic = m["actor"], m.get("critic")
-    gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size)
+    gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size, cfg.use_rollout_logprobs)
     models = Models(actor.module, m.get("ref"), critic.module if critic else None, gen, make_scorer(cfg, tok, m.get("reward")),
                     tok.pad_token_id)
     metrics = run_metrics(cfg, rank)

@@ -97,6 +97,7 @@ def run_rl(s: RLSetup) -> dict[str, float]:
     step, episode, cursor = (state["global_step"], state["episode"], state["cursor"]) if state else (0, 0, 0)
     if state:
         s.kl.load_state_dict(state["kl"])
+    s.sync_weights()  # a generator with its own copy of the weights (vLLM) starts from the actor's
     s.metrics.truncate_after(step)
     if step == 0 and s.eval_prompts is not None:
         s.evaluate(step)

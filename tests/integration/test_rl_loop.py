@@ -259,3 +259,32 @@ def test_tiny_preset_rl_yaml_loads_and_is_grpo(model_dir, builtin_data_dir, tmp_
     assert cfg.advantage_estimator == "group_norm" and cfg.use_kl_loss and cfg.kl_estimator == "k3"
     assert cfg.n_samples_per_prompt > 1 and cfg.input_template == TEMPLATE
     assert cfg.rollout_batch_size * cfg.n_samples_per_prompt % cfg.train_batch_size == 0
+
+
+def test_rollout_logprobs_recorded_while_sampling_equal_the_actor_forward(model_dir):
+    """--use_rollout_logprobs: what `generate` records is what the old-logprob forward computes
+    (temperature-scaled, not truncated by top-p), so the forward can be skipped."""
+    from types import SimpleNamespace
+
+    from rlhf_ops.generation.base import HFGenerator, SamplingParams
+    from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
+    from rlhf_ops.rl.experience import Models
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir))
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("User: 1 + 2\nAssistant: ", "User: hi\nAssistant: ")] * 3
+    gen = HFGenerator(model, tok, micro_batch_size=4, record_logprobs=True)
+    comps = gen.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=12, top_p=0.9, seed=3))
+    seqs, plens = [p + c for p, c in zip(prompts, comps)], [len(p) for p in prompts]
+    assert len(gen.rollout_logprobs) == len({tuple(s) for s in seqs})
+    cfg = SimpleNamespace(temperature=0.7, micro_rollout_batch_size=4, packing_samples=False, flash_attn=False,
+                          use_rollout_logprobs=False)
+    models = Models(model, None, None, gen, None, tok.pad_token_id)
+    forward = models.old_logprobs(seqs, plens, cfg)
+    recorded = models.old_logprobs(seqs, plens, SimpleNamespace(**{**vars(cfg), "use_rollout_logprobs": True}))
+    assert recorded.shape == forward.shape == (sum(map(len, comps)),)
+    torch.testing.assert_close(recorded, forward, atol=1e-5, rtol=0)
+    assert not gen.rollout_logprobs  # looked up once, then cleared
+    # no record (cleared): the forward runs, so the result is the same
+    torch.testing.assert_close(models.old_logprobs(seqs, plens, SimpleNamespace(**{**vars(cfg), "use_rollout_logprobs": True})),
+                               forward)

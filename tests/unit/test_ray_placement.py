@@ -79,7 +79,8 @@ def test_shares_are_contiguous_balanced_and_in_order():
 
 
 @pytest.mark.parametrize("extra,expected", [
-    ({"vllm_num_engines": 2}, "--vllm_num_engines: vLLM engines are not wired yet; use --vllm_num_engines 0 (the actor generates)"),
+    ({"vllm_num_engines": 2}, "--vllm_num_engines: 2 engines are not supported yet: one engine (1) or none (0, the actor generates)"),
+    ({"vllm_num_engines": 1, "vllm_tensor_parallel_size": 2}, "--vllm_tensor_parallel_size: tensor parallel vLLM engines are not supported yet"),
     ({"vllm_gpu_memory_utilization": 1.5}, "--vllm_gpu_memory_utilization: must be in (0, 1]"),
     ({"vllm_tensor_parallel_size": 0}, "--vllm_tensor_parallel_size: must be >= 1"),
     ({"actor_num_nodes": 0}, "--actor_num_nodes: must be >= 1"),
