@@ -35,6 +35,7 @@ class Responses:
 def scorer_options(reward_func: str | None, micro_batch_size: int) -> SimpleNamespace:
     """The options `rl.setup.make_scorer` reads: raw scores (no clipping, no normalisation), padded batches."""
     return SimpleNamespace(reward_func=reward_func, micro_rollout_batch_size=micro_batch_size, packing_samples=False,
+                           flash_attn=False,
                            normalize_reward=False, reward_clip_range=(-math.inf, math.inf))
 
 

@@ -98,7 +98,7 @@ def test_identical_policies_kl_zero_win_rate_half_and_outputs(tmp_path, tiny_mod
     assert m["n_prompts"] == 16
     assert set(m) == {"base", "sft", "rl", "rl_vs_sft_win_rate", "rl_kl_to_sft", "n_prompts"}
     for name in ("base", "sft", "rl"):
-        assert set(m[name]) == {"accuracy", "reward", "response_length"}
+        assert set(m[name]) == {"accuracy", "verified", "reward", "response_length"}
     assert m["sft"] == m["rl"] == m["base"]  # the same weights everywhere
     assert abs(m["rl_kl_to_sft"]["per_sequence"]) < 1e-9 and abs(m["rl_kl_to_sft"]["per_token"]) < 1e-9
     assert m["rl_vs_sft_win_rate"] == 0.5
