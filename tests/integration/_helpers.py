@@ -87,3 +87,18 @@ def tiny_policy(tmp_path_factory, tag: str) -> Path:
     from rlhf_ops.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp(f"{tag}_tiny") / "model", seed=0, **TINY_SIZES)
+
+
+def forget_ray_auth() -> None:
+    """Clear Ray's process-wide auth state before a test starts a local Ray in-process.
+
+    A job client used earlier in this pytest process under a token-auth head (tasks/ray_jobs.py)
+    leaves Ray's cached auth mode and token behind. A later local `ray.init()` then fails with
+    "Failed to start GCS ... InvalidAuthToken". A fresh CLI process never has this state."""
+    import os
+
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        os.environ.pop(k, None)
+    reset_auth_token_state()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import LENGTH_REWARD, TEMPLATE, save_test_reward_model, tiny_policy, to_argv
+from _helpers import LENGTH_REWARD, TEMPLATE, forget_ray_auth, save_test_reward_model, tiny_policy, to_argv
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -41,6 +41,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         pytest.skip("a Ray runtime is already initialised in this process")
+    forget_ray_auth()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()  # the Ray this fixture started, nothing else

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import LENGTH_REWARD, TEMPLATE, to_argv
+from _helpers import LENGTH_REWARD, TEMPLATE, forget_ray_auth, to_argv
 from rlhf_ops.generation.vllm_engine import vllm_available
 
 _OK, _WHY = vllm_available()
@@ -39,6 +39,7 @@ def greedy(model_dir: Path, tokenizer, prompts: list[list[int]]) -> list[list[in
 def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_model_dir, builtin_data_dir, tmp_path):
     from rlhf_ops.models.loading import load_tokenizer
 
+    forget_ray_auth()
     (tmp_path / "reward.py").write_text(LENGTH_REWARD)
     base = {"pretrain": tiny_model_dir, "prompt_data": Path(builtin_data_dir) / "prompts", "input_template": TEMPLATE,
             "input_key": "input", "label_key": "label", "reward_func": tmp_path / "reward.py",
