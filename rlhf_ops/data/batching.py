@@ -56,9 +56,18 @@ class Batch:
     def num_targets(self) -> int:
         return int((self.targets_BT != -100).sum())
 
-    def model_inputs(self) -> dict:
-        return {"input_ids": self.input_ids_BT, "position_ids": self.position_ids_BT,
-                "attention_mask": self.attention_mask}
+    def model_inputs(self, padding_mask: bool = False) -> dict:
+        """Keyword arguments for a Hugging Face forward.
+
+        Padded rows are right-padded, so the causal mask alone is exact for every real token (none
+        ever attends to a later pad): the [B, T] mask is left out unless `padding_mask` asks for it
+        (MoE router statistics must not count pads). Without it HF builds no [B, 1, T, T] mask and
+        SDPA takes its mask-free causal kernel, which is faster on CPU and GPU alike.
+        """
+        mask = self.attention_mask
+        if mask is not None and mask.ndim == 2 and not padding_mask:
+            mask = None
+        return {"input_ids": self.input_ids_BT, "position_ids": self.position_ids_BT, "attention_mask": mask}
 
     def to(self, device: torch.device | str) -> "Batch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731

@@ -46,10 +46,23 @@ def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def sft_rows(problems: list[Problem]) -> tuple[Rows, Rows]:
-    """(sft, sft_chat) rows: the question and its worked solution."""
-    plain = [{"input": p.question, "output": p.solution} for p in problems]
-    chat = [{"messages": [_user(p.question), _assistant(p.solution)]} for p in problems]
+def sft_rows(problems: list[Problem], noise: float = 0.0, rng: random.Random | None = None) -> tuple[Rows, Rows]:
+    """(sft, sft_chat) rows: the question and its worked solution, as a demonstrator wrote it.
+
+    With `noise` > 0 that share of demonstrations (drawn with `rng`) misreport the final answer:
+    every step is right but the "Answer:" line states a nearby wrong number (`corrupt_solution`'s
+    "answer" kind, the same slip the preference data rejects). Human demonstrations carry such
+    slips; SFT imitates them, and RL against the verifier can unlearn them (README, RL section).
+    """
+    demos = []
+    for p in problems:
+        if noise > 0 and rng.random() < noise:
+            steps, wrong, _ = corrupt_solution(p, rng, "answer")
+            demos.append(format_solution(steps, wrong))
+        else:
+            demos.append(p.solution)
+    plain = [{"input": p.question, "output": d} for p, d in zip(problems, demos)]
+    chat = [{"messages": [_user(p.question), _assistant(d)]} for p, d in zip(problems, demos)]
     return plain, chat
 
 
@@ -132,9 +145,10 @@ def prompt_rows(problems: list[Problem]) -> tuple[Rows, Rows]:
     return plain, chat
 
 
-def _dataset_rows(kind: str, problems: list[Problem], rng: random.Random) -> dict[str, Rows]:
+def _dataset_rows(kind: str, problems: list[Problem], rng: random.Random, sft_noise: float = 0.0,
+                  noise_rng: random.Random | None = None) -> dict[str, Rows]:
     if kind == "sft":
-        plain, chat = sft_rows(problems)
+        plain, chat = sft_rows(problems, sft_noise, noise_rng)
         return {"sft": plain, "sft_chat": chat, "sft_multiturn": multiturn_rows(problems, rng)}
     if kind == "preference":
         plain, chat = preference_rows(problems, rng)
@@ -159,10 +173,15 @@ def rl_prompt_problems(n: int, seed: int, exclude: set[str]) -> list[Problem]:
     return [p for p in stream if p.question not in exclude][:n]
 
 
-def build_files(preset: str = "tiny", seed: int = 42) -> dict[str, Rows]:
-    """Every file of the layout as {relative path: rows}, without touching the disk."""
+def build_files(preset: str = "tiny", seed: int = 42, sft_noise: float = 0.0) -> dict[str, Rows]:
+    """Every file of the layout as {relative path: rows}, without touching the disk.
+
+    `sft_noise`: share of SFT train demonstrations with a misreported answer (`sft_rows`); the
+    SFT eval split stays clean, so its loss measures against right solutions."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if not 0.0 <= sft_noise < 1.0:
+        raise ValueError(f"sft_noise must be in [0, 1), got {sft_noise}")
     sizes = PRESETS[preset]
     n_eval = max(ev for _, ev in sizes.values())
     supervised = [k for k in sizes if k != "prompts"]
@@ -176,7 +195,9 @@ def build_files(preset: str = "tiny", seed: int = 42) -> dict[str, Rows]:
     for kind in sizes:
         for split in SPLITS:
             rng = random.Random(f"{seed}:{kind}:{split}")
-            for name, rows in _dataset_rows(kind, blocks[split][kind], rng).items():
+            noise = sft_noise if split == "train" else 0.0
+            noise_rng = random.Random(f"{seed}:{kind}:{split}:noise")  # its own stream: noise 0 changes nothing else
+            for name, rows in _dataset_rows(kind, blocks[split][kind], rng, noise, noise_rng).items():
                 files[f"{name}/{split}.jsonl"] = rows
     return dict(sorted(files.items()))
 
@@ -185,14 +206,14 @@ def _jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def _write_tree(root: Path, files: dict[str, Rows], preset: str, seed: int) -> dict[str, Any]:
+def _write_tree(root: Path, files: dict[str, Rows], preset: str, seed: int, sft_noise: float) -> dict[str, Any]:
     entries = {}
     for rel, rows in files.items():
         data = _jsonl_bytes(rows)
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
         entries[rel] = {"rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = {"preset": preset, "seed": seed, "task": TASK, "files": entries,
+    manifest = {"preset": preset, "seed": seed, "sft_noise": sft_noise, "task": TASK, "files": entries,
                 "input_template": INPUT_TEMPLATE, "prm_placeholder": PRM_PLACEHOLDER}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                         encoding="utf-8")
@@ -224,11 +245,12 @@ def _target_state(out: Path) -> str:
         "listing its contents); refusing to overwrite it: choose another directory or remove this one")
 
 
-def write_dataset(output_dir: str | os.PathLike, preset: str = "tiny", seed: int = 42) -> dict[str, Any]:
+def write_dataset(output_dir: str | os.PathLike, preset: str = "tiny", seed: int = 42,
+                  sft_noise: float = 0.0) -> dict[str, Any]:
     """Write the whole layout under `output_dir` atomically; return the manifest."""
     out = Path(output_dir).absolute()
     _target_state(out)  # refuse before doing any work
-    files = build_files(preset, seed)
+    files = build_files(preset, seed, sft_noise)
     with atomic_dir(out) as tmp:
-        manifest = _write_tree(tmp, files, preset, seed)
+        manifest = _write_tree(tmp, files, preset, seed, sft_noise)
     return manifest

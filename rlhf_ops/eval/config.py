@@ -51,7 +51,9 @@ class EvalConfig:
     generate_max_len: int = opt(48, "Maximum new tokens per response")
     micro_batch_size: int = opt(64, "Sequences per generation / forward")
     bf16: bool = opt(False, "Load the models in bfloat16 (fp32 otherwise)")
-    seed: int = opt(42, "Seed of the KL samples (greedy responses do not depend on it)")
+    eval_n_samples_per_prompt: int = opt(4, "Sampled responses per prompt for the sampled accuracy (0: greedy only)")
+    eval_temperature: float = opt(1.0, "Temperature of the sampled responses (the RL stage samples at 1.0)")
+    seed: int = opt(42, "Seed of the sampled responses and the KL samples (greedy responses do not depend on it)")
 
     def __post_init__(self) -> None:
         check(bool(self.run_dir), "run_dir", "must be a non-empty path")
@@ -68,6 +70,8 @@ class EvalConfig:
         check(self.max_samples > 0, "max_samples", f"must be > 0, got {self.max_samples}")
         check(self.generate_max_len > 0 and self.prompt_max_len > 0, "generate_max_len", "lengths must be > 0")
         check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
+        check(self.eval_n_samples_per_prompt >= 0, "eval_n_samples_per_prompt", f"must be >= 0, got {self.eval_n_samples_per_prompt}")
+        check(self.eval_temperature > 0, "eval_temperature", f"must be > 0 (greedy is always reported), got {self.eval_temperature}")
         if self.input_template is not None:
             check("{}" in self.input_template, "input_template", "must contain '{}'")
         out, run = Path(self.out_dir).resolve(), Path(self.run_dir).resolve()

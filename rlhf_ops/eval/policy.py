@@ -2,6 +2,7 @@
 
 * `greedy_eval`: greedy responses (`rl.experience.sample` on an `HFGenerator`), scored by the
   reward function through `rl.setup.make_scorer`: mean reward and the function's extra logs (accuracy);
+* `sampled_eval`: the same means over n seeded samples per prompt at a temperature (the policy RL trains);
 * `kl_to_reference`: one response per prompt sampled from the policy at temperature 1 (seeded);
   k1 = log p_policy - log p_ref summed over response tokens (`models.forward.target_logprob_sums`,
   LM head at response tokens only), averaged per sequence and per token;
@@ -66,6 +67,20 @@ def greedy_eval(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, scor
     metrics = {"reward": sc.rewards.mean().item(), **{k: v.mean().item() for k, v in sc.extra.items()},
                "response_length": sum(len(s) - p for s, p in zip(resp.seqs, resp.plens)) / len(resp.seqs)}
     return metrics, resp, sc
+
+
+def sampled_eval(model: torch.nn.Module, tokenizer: Any, prompts: PromptSet, score: Callable[..., Scores],
+                 max_new_tokens: int, micro_batch_size: int, n: int, temperature: float, seed: int,
+                 name: str = "the model") -> dict[str, float]:
+    """{"sampled_reward", "sampled_<extra log>"...}: means over `n` seeded samples per prompt at `temperature`.
+
+    The RL stage trains the policy it samples (temperature 1), so this is the figure RL optimises;
+    greedy decoding only sees the mode, which is unchanged when RL removes low-probability mistakes."""
+    gen = HFGenerator(model, tokenizer, micro_batch_size)
+    models = Models(model, None, None, gen, score=None, pad_id=tokenizer.pad_token_id)  # type: ignore[arg-type]
+    seqs, plens, rows = sample(models, prompts, range(len(prompts)), n, SamplingParams(temperature, max_new_tokens, 1.0, seed=seed))
+    sc = score(prompts, seqs, rows, plens, batch=f"the sampled responses of {name}")
+    return {"sampled_reward": sc.rewards.mean().item(), **{f"sampled_{k}": v.mean().item() for k, v in sc.extra.items()}}
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
     metrics.json          nested numbers (DVC metrics): {<model>: {accuracy, reward, ...}, rl_vs_sft_win_rate,
                           rl_kl_to_sft: {per_sequence, per_token}, n_prompts}
-    report.md             model | accuracy | reward table, win rate and KL lines, the command
+    report.md             model | accuracy | reward table (greedy and sampled), win rate and KL lines, the command
     curves.png            training curves from the models' metrics.jsonl (panels whose file is missing are left out)
     plots/*.csv           the same curves for DVC plots: sft_train (step,loss), rl_train (step,reward,accuracy,kl),
                           rl_eval (step,reward,accuracy)
@@ -86,10 +86,12 @@ def _fmt(x: Any) -> str:
 
 def report_markdown(metrics: dict, models: list[str], command: str, notes: list[str]) -> str:
     lines = [f"# Evaluation on {metrics['n_prompts']} held-out prompts", "",
-             "| model | accuracy | reward | response length |", "|---|---|---|---|"]
+             "| model | accuracy (greedy) | reward (greedy) | accuracy (sampled) | reward (sampled) | response length |",
+             "|---|---|---|---|---|---|"]
     for m in models:
         r = metrics[m]
-        lines.append(f"| {m} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('reward'))} | {r['response_length']:.1f} |")
+        lines.append(f"| {m} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('reward'))} | {_fmt(r.get('sampled_accuracy'))} "
+                     f"| {_fmt(r.get('sampled_reward'))} | {r['response_length']:.1f} |")
     lines.append("")
     if "rl_vs_sft_win_rate" in metrics:
         lines.append(f"- RL vs SFT win rate (reward model, ties 0.5): {metrics['rl_vs_sft_win_rate']:.4f}")
@@ -98,7 +100,9 @@ def report_markdown(metrics: dict, models: list[str], command: str, notes: list[
         lines.append(f"- KL(rl || sft), k1 on one temperature-1 sample per prompt: {kl['per_sequence']:.4f} per "
                      f"sequence, {kl['per_token']:.5f} per token")
     lines += [f"- {n}" for n in notes]
-    lines += ["", "Greedy decoding; accuracy and reward from the reward function. Curves: curves.png, plots/*.csv.",
+    lines += ["", "Greedy: one greedy response per prompt. Sampled: the mean over the seeded samples per prompt at the "
+              "eval temperature (see the command). Accuracy and reward from the reward function. "
+              "Curves: curves.png, plots/*.csv.",
               "", "```", command, "```", ""]
     return "\n".join(lines)
 

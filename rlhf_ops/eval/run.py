@@ -16,8 +16,8 @@ import torch
 
 from rlhf_ops.config import ConfigError
 from rlhf_ops.eval.config import EvalConfig
-from rlhf_ops.eval.policy import (Responses, greedy_eval, kl_to_reference, load_policy, scorer_options,
-                                  win_rate)
+from rlhf_ops.eval.policy import (Responses, greedy_eval, kl_to_reference, load_policy, sampled_eval,
+                                  scorer_options, win_rate)
 from rlhf_ops.eval.report import training_curves, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         metrics[name], greedy[name], sc = greedy_eval(model, tok, prompts, score, cfg.generate_max_len,
                                                       cfg.micro_batch_size, name=f"{name} ({path})")
         rewards[name] = sc.rewards.tolist()
+        if cfg.eval_n_samples_per_prompt:
+            metrics[name].update(sampled_eval(model, tok, prompts, score, cfg.generate_max_len, cfg.micro_batch_size,
+                                              cfg.eval_n_samples_per_prompt, cfg.eval_temperature, cfg.seed,
+                                              name=f"{name} ({path})"))
         logger.info("%s: %s (%.1f s)", name, ", ".join(f"{k}={v:.4f}" for k, v in metrics[name].items()),
                     time.perf_counter() - t)
         if name == "sft" and "rl" in paths:

@@ -39,16 +39,28 @@ class HFGenerator:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, micro_batch_size: int = 16,
-                 record_logprobs: bool = False):
-        self.model, self.tokenizer, self.micro_batch_size = model, tokenizer, micro_batch_size
+                 record_logprobs: bool = False, own_copy: bool = False):
+        self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
         # with record_logprobs, every sampled completion's per-token log p under the sampling
         # distribution (softmax(logits / temperature)), keyed by the full sequence (prompt +
         # completion): the RL loop's old logprobs without a second forward (--use_rollout_logprobs)
         self.record_logprobs = record_logprobs
         self.rollout_logprobs: dict[tuple[int, ...], list[float]] = {}
+        # own_copy: sample from a frozen copy of the weights, refreshed by sync_weights, so that sampling can
+        # overlap training of the live model (--async_train); otherwise sample from the live model itself
+        self.own_copy = own_copy
+        self.model = _frozen_copy(model) if own_copy else model
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self.model = model  # generation runs on the live training weights: nothing to copy
+        """Sample from `model`'s current weights from now on (copied when this generator owns a copy)."""
+        if not self.own_copy:
+            self.model = model
+            return
+        from rlhf_ops.models.forward import unwrap
+
+        with torch.no_grad():
+            for dst, src in zip(self.model.parameters(), unwrap(model).parameters(), strict=True):
+                dst.copy_(src)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -146,6 +158,21 @@ def _step_logprobs_class():
 
 def _StepLogprobs(temperature: float):  # noqa: N802 (a factory: transformers is imported on first use)
     return _step_logprobs_class()(temperature)
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A gradient-free copy of the Hugging Face model under `model`'s DeepSpeed wrapper (LoRA layers included)."""
+    import copy
+
+    from rlhf_ops.models.forward import unwrap
+
+    hf = unwrap(model)
+    if any(hasattr(p, "ds_id") for p in hf.parameters()):
+        raise ValueError("cannot copy a ZeRO-3 partitioned model for generation; use --zero_stage 2 or less")
+    twin = copy.deepcopy(hf).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:

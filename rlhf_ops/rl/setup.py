@@ -199,6 +199,9 @@ def build(cfg: RLConfig) -> RLSetup:
     if world != 1:
         raise ConfigError(f"rlhf_ops.cli.train_ppo runs on one process (world size is {world}); "
                           "multi-process RL is the job of the Ray entry point")
+    if cfg.async_train and cfg.zero_stage == 3:
+        raise ConfigError("--async_train samples from a whole copy of the actor, which ZeRO-3 partitions; "
+                          "use --zero_stage 2 or less (or train_ppo_ray with a vLLM engine)")
     torch.manual_seed(cfg.seed)
     if cfg.packing_samples:
         logger.warning("--packing_samples: the RL forwards pack each micro-batch into one row with a block-diagonal "
@@ -209,7 +212,7 @@ def build(cfg: RLConfig) -> RLSetup:
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     m = load_models(cfg, tok, model_roles(cfg), total_steps(cfg, len(prompts)))
     actor, critic = m["actor"], m.get("critic")
-    gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size, cfg.use_rollout_logprobs)
+    gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size, cfg.use_rollout_logprobs, own_copy=cfg.async_train)
     models = Models(actor.module, m.get("ref"), critic.module if critic else None, gen, make_scorer(cfg, tok, m.get("reward")),
                     tok.pad_token_id)
     metrics = run_metrics(cfg, rank)

@@ -98,7 +98,8 @@ def test_identical_policies_kl_zero_win_rate_half_and_outputs(tmp_path, tiny_mod
     assert m["n_prompts"] == 16
     assert set(m) == {"base", "sft", "rl", "rl_vs_sft_win_rate", "rl_kl_to_sft", "n_prompts"}
     for name in ("base", "sft", "rl"):
-        assert set(m[name]) == {"accuracy", "verified", "reward", "response_length"}
+        assert set(m[name]) == {"accuracy", "verified", "reward", "response_length",
+                                "sampled_accuracy", "sampled_verified", "sampled_reward"}
     assert m["sft"] == m["rl"] == m["base"]  # the same weights everywhere
     assert abs(m["rl_kl_to_sft"]["per_sequence"]) < 1e-9 and abs(m["rl_kl_to_sft"]["per_token"]) < 1e-9
     assert m["rl_vs_sft_win_rate"] == 0.5
@@ -114,7 +115,8 @@ def test_identical_policies_kl_zero_win_rate_half_and_outputs(tmp_path, tiny_mod
     with (out / "plots" / "rl_eval.csv").open() as f:
         assert len(list(csv.reader(f))) == 1 + 2
     report = (out / "report.md").read_text()
-    assert "| model | accuracy | reward |" in report and "| rl |" in report and "win rate" in report
+    assert "| model | accuracy (greedy) | reward (greedy) | accuracy (sampled) |" in report
+    assert "| rl |" in report and "win rate" in report
     assert f"--run_dir {run}" in report
     assert len((out / "samples.jsonl").read_text().splitlines()) == 16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary dir left behind
@@ -160,6 +162,15 @@ def test_perturbed_rl_kl_positive_and_scores_recomputed_by_hand(tmp_path, tiny_m
     saved = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["responses"]["rl"] for s in saved] == responses
     assert m["rl"] != m["sft"]
+
+    # the sampled figures by hand: 4 samples per prompt at temperature 1, seeded by --seed, prompt by prompt
+    sampled = HFGenerator(model, tok, 64).generate([x for x in ids for _ in range(4)], SamplingParams(1.0, 16, 1.0, seed=42))
+    texts4 = [t for t in texts for _ in range(4)]
+    got = load_reward_func(str(reward))([t + tok.decode(c, skip_special_tokens=True) for t, c in zip(texts4, sampled)],
+                                        texts4, [r["label"] for r in rows for _ in range(4)])
+    assert m["rl"]["sampled_reward"] == pytest.approx(sum(got["rewards"]) / len(sampled), rel=1e-6)
+    assert m["rl"]["sampled_accuracy"] == sum(got["extra_logs"]["accuracy"]) / len(sampled)
+    assert m["rl"]["sampled_reward"] != m["rl"]["reward"]  # sampling really happened
 
 
 def test_missing_model_dir_exits_2_naming_the_path(tmp_path, builtin_data_dir, capsys):

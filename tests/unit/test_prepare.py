@@ -212,3 +212,33 @@ def test_config_is_frozen():
     assert cfg.preset == "tiny" and cfg.seed == 42
     with pytest.raises(Exception):
         cfg.seed = 1  # type: ignore[misc]
+
+
+def test_sft_noise_misreports_only_the_answer_of_that_share_of_train_demonstrations():
+    clean, noisy = build_files("tiny", 42), build_files("tiny", 42, sft_noise=0.3)
+    assert {k: v for k, v in noisy.items() if not k.startswith(("sft/", "sft_chat/"))} == \
+        {k: v for k, v in clean.items() if not k.startswith(("sft/", "sft_chat/"))}  # nothing else changes
+    assert noisy["sft/eval.jsonl"] == clean["sft/eval.jsonl"]  # the eval split stays clean
+    changed = 0
+    for c, n, chat in zip(clean["sft/train.jsonl"], noisy["sft/train.jsonl"], noisy["sft_chat/train.jsonl"]):
+        assert c["input"] == n["input"] and chat["messages"][1]["content"] == n["output"]
+        if c["output"] != n["output"]:
+            changed += 1
+            steps_c, ans_c = c["output"].rsplit("\n", 1)
+            steps_n, ans_n = n["output"].rsplit("\n", 1)
+            assert steps_n == steps_c and ans_n != ans_c and ans_n.startswith("Answer: ")  # every step is right
+            assert not is_correct(n["output"], extract_answer(c["output"]))
+    assert 0.27 < changed / len(clean["sft/train.jsonl"]) < 0.33, changed  # 4000 rows: 0.3 +- 4.5 sigma
+    assert build_files("tiny", 42, sft_noise=0.3) == noisy  # deterministic
+    with pytest.raises(ValueError, match="sft_noise"):
+        build_files("tiny", 42, sft_noise=1.0)
+
+
+def test_cli_records_the_sft_noise_in_the_manifest(tmp_path, capsys):
+    manifest = main(["--output_dir", str(tmp_path / "n"), "--sft_noise", "0.3"])
+    assert manifest["sft_noise"] == 0.3 and "SFT noise 0.3" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert saved["sft_noise"] == 0.3
+    with pytest.raises(SystemExit) as e:
+        main(["--output_dir", str(tmp_path / "m"), "--sft_noise", "-0.1"])
+    assert e.value.code == 2 and "--sft_noise" in capsys.readouterr().err

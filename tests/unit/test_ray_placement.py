@@ -79,7 +79,8 @@ def test_shares_are_contiguous_balanced_and_in_order():
 
 
 @pytest.mark.parametrize("extra,expected", [
-    ({"vllm_num_engines": 2}, "--vllm_num_engines: 2 engines are not supported yet: one engine (1) or none (0, the actor generates)"),
+    ({"vllm_num_engines": -1}, "--vllm_num_engines: must be >= 0, got -1"),
+    ({"async_train": True}, "--async_train: needs --vllm_num_engines >= 1"),
     ({"vllm_num_engines": 1, "vllm_tensor_parallel_size": 2}, "--vllm_tensor_parallel_size: tensor parallel vLLM engines are not supported yet"),
     ({"vllm_gpu_memory_utilization": 1.5}, "--vllm_gpu_memory_utilization: must be in (0, 1]"),
     ({"vllm_tensor_parallel_size": 0}, "--vllm_tensor_parallel_size: must be >= 1"),
@@ -133,3 +134,13 @@ def test_token_mean_scales_over_all_ranks_give_one_process_gradient():
     wrong = (grad(lambda w: sum(token_mean(w, mb) * s for mb, s in zip(micro[:2], own[:2])) / 2)
              + grad(lambda w: sum(token_mean(w, mb) * s for mb, s in zip(micro[2:], own[2:])) / 2)) / 2
     assert (wrong - direct).abs().max() > 1e-3
+
+
+def test_engines_get_disjoint_contiguous_cpu_shares():
+    from rlhf_ops.ray_rl.driver import engine_cpu_binds
+
+    assert engine_cpu_binds(2, {0, 1}) == ["0-0", "1-1"]
+    assert engine_cpu_binds(2, [4, 5, 6, 7, 0, 1, 2, 3]) == ["0-3", "4-7"]
+    assert engine_cpu_binds(3, range(8)) == ["0-1", "2-3", "4-5"]  # the spare cores stay unbound
+    assert engine_cpu_binds(1, range(8)) == [None]  # one engine: vLLM's default
+    assert engine_cpu_binds(4, [0, 1]) == [None] * 4  # fewer cores than engines: no binding at all

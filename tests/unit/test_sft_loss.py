@@ -124,3 +124,17 @@ def test_packed_and_padded_micro_batch_give_the_same_loss_and_gradients(model, t
     assert all(g.abs().sum() > 0 for g in g_pad.values())  # every parameter gets a gradient
     for name in g_pad:
         torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_right_padded_rows_need_no_padding_mask(model, tiny_tokenizer, sft_data):
+    """The training forward leaves the [B, T] mask out (SDPA's mask-free causal kernel); a real token's
+    logits equal those of the masked forward, and the mask is still there when asked for."""
+    batch = make(sft_data, tiny_tokenizer.pad_token_id, packed=False)
+    assert batch.attention_mask.ndim == 2 and not bool(batch.attention_mask.all())  # the rows really are padded
+    assert batch.model_inputs()["attention_mask"] is None
+    assert batch.model_inputs(padding_mask=True)["attention_mask"] is batch.attention_mask
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        free = model(**batch.model_inputs()).logits[real]
+        masked = model(**batch.model_inputs(padding_mask=True)).logits[real]
+    torch.testing.assert_close(free, masked, rtol=0, atol=1e-5)
