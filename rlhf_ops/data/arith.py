@@ -5,8 +5,9 @@
 
 Why this task: every answer is checkable by a regex (so RL needs no learned reward model), wrong
 solutions with a known first wrong step are cheap to make (preference and PRM negatives), and a
-~1M-parameter model trained for a few CPU minutes learns it only partly, which leaves RL room to
-improve. The operand ranges are tuned for that budget (see docs/data_layout.md): mostly
+~1M-parameter model learns it in a CPU budget (10 SFT epochs, ~8 min: 0.87 greedy accuracy on
+clean demonstrations). RL's room comes from the demonstrations' own slips (`prepare --sft_noise`).
+The operand ranges are tuned for that budget (see docs/data_layout.md): mostly
 one-digit right-hand operands, so the model first learns to copy the operands and the one-digit
 tables, solves many "easy" problems, fewer "medium" chains and few "hard" products.
 
