@@ -9,7 +9,7 @@
 * placement that fits the cluster's totals but not its free resources times out, naming the groups;
 * a rank killed mid-run (--colocate_all_models: one group holds every model) is reported by group and rank,
   the last checkpoint stays good and resumes;
-* more than one vLLM engine is refused (one engine: tests/integration/test_vllm_cpu.py).
+* --async_train without a vLLM engine is refused before Ray starts (engines: test_train_ppo_ray_vllm.py, test_vllm_cpu.py).
 
 One local Ray (2 logical CPUs, 127.0.0.1) serves the module; each run starts and stops its own workers.
 """
@@ -214,11 +214,11 @@ def test_unsatisfiable_placement_fails_fast_with_the_numbers(model_dir, builtin_
                      r"the cluster has \d+ CPUs", err), err[-3000:]
 
 
-def test_more_than_one_vllm_engine_is_refused(model_dir, builtin_data_dir, tmp_path, capsys):
+def test_async_without_a_vllm_engine_is_refused_before_ray_starts(model_dir, builtin_data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        ray_main(options(model_dir, builtin_data_dir, tmp_path, advantage_estimator="reinforce", vllm_num_engines=2))
+        ray_main(options(model_dir, builtin_data_dir, tmp_path, advantage_estimator="reinforce", async_train=True))
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "--vllm_num_engines: 2 engines are not supported yet" in err, err
+    assert exc.value.code == 2 and "--async_train: needs --vllm_num_engines >= 1" in err, err
 
 
 def test_placement_that_fits_the_cluster_but_not_its_free_resources_times_out(ray_cluster):
