@@ -149,8 +149,8 @@ class RemoteModels(Models):
                                            for r, p in enumerate(parts) if len(p) or lock})
         return torch.cat(out)
 
-    def old_logprobs(self, sequences, prompt_lens, cfg, recorded_N=None):
-        return recorded_N if recorded_N is not None else self._remote("actor", sequences, prompt_lens, cfg)
+    def old_logprobs(self, sequences, prompt_lens, cfg):
+        return self._remote("actor", sequences, prompt_lens, cfg)
 
     def ref_logprobs(self, sequences, prompt_lens, cfg):
         return self._remote("ref", sequences, prompt_lens, cfg)

@@ -71,6 +71,14 @@ class RoleWorker:
 
         ZeRO-3 lockstep (`driver.lockstep`): a rank with fewer than `rounds` chunks runs the extra forwards
         on `filler` rows and drops their output, so its collective weight gathers match its peers'."""
+        from rlhf_ops.rl.experience import rollout_logprobs
+
+        if role == "actor" and seqs and self.gen is not None:
+            # --use_rollout_logprobs: this rank sampled these rows (chunks and forward shares coincide) and
+            # recorded their logprobs; the lookup also clears the record. Off under ZeRO-3 lockstep (above).
+            recorded = rollout_logprobs(self.gen, seqs, plens)
+            if recorded is not None:
+                return recorded
         fn = {"actor": self.models.old_logprobs, "ref": self.models.ref_logprobs, "critic": self.models.values}[role]
         out = fn(seqs, plens, self.cfg) if seqs else torch.zeros(0)
         for _ in range(rounds - -(-len(seqs) // self.cfg.micro_rollout_batch_size)):

@@ -68,14 +68,9 @@ class Models:
         return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples,
                            cfg.flash_attn)
 
-    def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any,
-                     recorded_N: torch.Tensor | None = None) -> torch.Tensor:
-        """logp_N of the actor, in eval mode (no dropout) as the samples were drawn.
-
-        `recorded_N`: the ones the generator recorded while sampling these very sequences
-        (--use_rollout_logprobs, taken by `rollout_logprobs`), used as they are: no second forward."""
-        if recorded_N is not None:
-            return recorded_N
+    def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
+        """logp_N of the actor, in eval mode (no dropout) as the samples were drawn (a forward; with
+        --use_rollout_logprobs `make_experience` is handed the sampler's own and skips this)."""
         was = self.actor.training
         self.actor.eval()
         try:
@@ -142,7 +137,7 @@ def make_experience(models: Models, cfg: Any, sequences: list[list[int]], prompt
     resp = [len(s) - p for s, p in zip(sequences, prompt_lens)]
     mask_BT = action_mask(resp)
     as_BT = lambda t_N: None if t_N is None else to_BT(t_N, resp)  # noqa: E731
-    old_logp = as_BT(models.old_logprobs(sequences, prompt_lens, cfg, recorded_logp_N))
+    old_logp = as_BT(recorded_logp_N if recorded_logp_N is not None else models.old_logprobs(sequences, prompt_lens, cfg))
     ref_logp = as_BT(models.ref_logprobs(sequences, prompt_lens, cfg))
     values = as_BT(models.values(sequences, prompt_lens, cfg)) if cfg.needs_critic else None
     kl_BT = (kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask_BT) if ref_logp is not None else torch.zeros_like(old_logp)

@@ -283,6 +283,13 @@ def test_rollout_logprobs_recorded_while_sampling_equal_the_actor_forward(model_
     recorded = rollout_logprobs(gen, seqs, plens)
     assert recorded.shape == forward.shape == (sum(map(len, comps)),)
     torch.testing.assert_close(recorded, forward, atol=1e-5, rtol=0)
-    assert models.old_logprobs(seqs, plens, cfg, recorded) is recorded  # used as given: no forward
     assert not gen.rollout_logprobs  # looked up once, then cleared
+    # make_experience takes the recorded ones as the old logprobs, as they are (no forward)
+    from rlhf_ops.rl.experience import make_experience
+    from rlhf_ops.rl.rewards import Scores
+    full = SimpleNamespace(**vars(cfg), needs_critic=False, kl_estimator="k1", n_samples_per_prompt=2,
+                           advantage_estimator="rloo", use_kl_loss=False, gamma=1.0, lambd=1.0, no_advantage_std_norm=False)
+    shifted = recorded - 0.25  # a value no forward would give
+    exp = make_experience(models, full, seqs, plens, Scores(torch.arange(6.0), {}), 0.0, shifted)
+    torch.testing.assert_close(exp.old_logp_BT[exp.mask_BT], shifted, rtol=0, atol=0)
     assert rollout_logprobs(gen, seqs, plens) is None  # no record left: the caller runs the forward
