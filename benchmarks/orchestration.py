@@ -11,7 +11,11 @@ local head the flow starts), three times:
    wall time is orchestration: Python and Prefect start-up, the Ray head, job submission and log
    streaming, cache-key hashing, lineage. The table splits the run into work, output hashing and
    the rest.
-2. **cached rerun** of the same flow: every stage should be a cache hit.
+2. **cached rerun** of the same flow: every stage should be a cache hit. Twice: with the
+   temporary Prefect server `python -m flows.rlhf` starts when no server is configured (what
+   `make run` does), and against a long-lived `prefect server start` on 127.0.0.1 (what a
+   deployment, `prefect deployment run rlhf/full-pipeline`, always has), started here and
+   stopped afterwards; its start-up is not counted.
 3. **resume**: the RL stage is run again under a new seed (a new cache key), killed once its
    checkpoint passes `--kill_after_step`, and the flow is rerun. Both use `--executor local`
    (stages as plain subprocesses), so that killing the flow's process group kills the stage too;
@@ -25,6 +29,7 @@ overrides), so they are comparable. Writes benchmarks/results/orchestration.{jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,14 +58,47 @@ def _flow_cmd(args: argparse.Namespace, overrides: dict, executor: str) -> list[
             "--executor", executor, "--overrides", json.dumps(overrides)]
 
 
-def _timed_flow(args: argparse.Namespace, overrides: dict, log: Path, executor: str) -> float:
+def _timed_flow(args: argparse.Namespace, overrides: dict, log: Path, executor: str, env: dict | None = None) -> float:
     t0 = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.call(_flow_cmd(args, overrides, executor), cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(_flow_cmd(args, overrides, executor), cwd=ROOT, env=env or _env(), stdout=f,
+                             stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"the flow failed (exit code {rc}); its log: {log}")
     return wall
+
+
+@contextlib.contextmanager
+def _prefect_server(log: Path):
+    """A `prefect server start` on 127.0.0.1 (this benchmark's own; stopped on exit); yields its API URL."""
+    import urllib.request
+
+    from rlhf_ops.distributed.engine import free_port
+
+    port = free_port()
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with log.open("w") as f:
+        proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                                env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"prefect server did not come up; its log: {log}")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # `prefect server` may ignore the first SIGTERM
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _stamps(run: Path) -> dict[str, dict]:
@@ -130,12 +168,17 @@ def main() -> None:
 
     cached = _timed_flow(args, base, logs / "cached.log", args.executor)
     hits = _cached_states(logs / "cached.log")
+    with _prefect_server(logs / "prefect_server.log") as api:
+        served = _timed_flow(args, base, logs / "cached_served.log", args.executor, dict(_env(), PREFECT_API_URL=api))
+    served_hits = _cached_states(logs / "cached_served.log")
 
     resumed_over = {"rl": {"save_steps": args.save_steps, "seed": 43}}
     killed_at = _kill_rl_after(args, resumed_over, logs / "killed.log")
     resume = _timed_flow(args, resumed_over, logs / "resume.log", "local")
     resumed = "resumed from" in (logs / "resume.log").read_text()
 
+    rerun_stamps = _stamps(args.run_dir)
+    rerun_eval, rerun_rl = (rerun_stamps.get(s, {}).get("work_s", 0.0) for s in ("eval", "rl"))
     total_work = sum(work.values())
     orch = full - total_work - hashing
     rows = [
@@ -145,15 +188,21 @@ def main() -> None:
         ("  output hashing (sum of `hash_s`)", f"{hashing:.1f} s ({100 * hashing / full:.1f}%)", "sha256 of every stage's outputs"),
         ("  orchestration (the rest)", f"{orch:.1f} s ({100 * orch / full:.1f}%)",
          f"Prefect, Ray head ({head:.1f} s to start)" if head is not None else "Prefect, subprocesses"),
-        ("cached rerun, wall", f"{cached:.1f} s", f"{hits}/{len(STAGES)} stages Cached"),
+        ("cached rerun, wall", f"{cached:.1f} s", f"{hits}/{len(STAGES)} stages Cached; the flow's temporary Prefect server"),
+        ("cached rerun against a running Prefect server", f"{served:.1f} s",
+         f"{served_hits}/{len(STAGES)} stages Cached; PREFECT_API_URL of a `prefect server start` (as a deployment has)"),
         ("resume after RL killed at step " + str(killed_at), f"{resume:.1f} s",
          f"whole flow rerun, `--executor local` ({'resumed' if resumed else 'NOT resumed'} from the RL checkpoint)"),
+        ("  of which eval (reruns: RL's output changed)", f"{rerun_eval:.1f} s", "eval's `work_s` in the resumed flow"),
         ("  RL stage alone, from scratch", f"{work.get('rl', 0.0):.1f} s", "its `work_s` in the full run"),
+        ("  RL stage resumed", f"{rerun_rl:.1f} s", "RL's `work_s` in the resumed flow"),
     ]
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load_start": load0, "load_end": os.getloadavg()[0], "preset": args.preset, "executor": args.executor,
               "command": " ".join(["python", *sys.argv]), "full_s": full, "work_s": work, "hash_s": hashing,
               "orchestration_s": orch, "ray_head_s": head, "cached_s": cached, "cached_hits": hits,
+              "cached_served_s": served, "cached_served_hits": served_hits, "resume_eval_s": rerun_eval,
+              "resume_rl_s": rerun_rl,
               "killed_at_step": killed_at, "resume_s": resume, "resumed": resumed}
     md = ["| what | time | how |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
           f"{result['date']}, {result['machine']}, load {load0:.2f} -> {result['load_end']:.2f}; "

@@ -7,9 +7,10 @@ behind every optimizer step is the same for any world size, which is what makes 
 and two processes give the same loss curve. A trailing partial step is dropped.
 
 Layout. Unpacked: rows right-padded to the longest row. Packed (`--packing_samples`): the
-micro-batch's rows concatenated into one row, position ids restarting at each sample and
-attention confined to each sample: a block-diagonal causal mask for sdpa/eager, or no mask and
-the position ids alone for flash-attn's varlen kernels.
+micro-batch's rows concatenated into one row, position ids restarting at each sample, and no
+mask: the position ids mark the samples, and attention stays within each (flash-attn's varlen
+kernels, `models.attention`'s padding-free SDPA, or the block mask Hugging Face builds from the
+position ids for its own sdpa/eager).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Batch:
     """Model inputs for one micro-batch.
 
     input_ids_BT, position_ids_BT: [B, T] long.
-    attention_mask: [B, T] long (padded), [B, 1, T, T] bool (packed, sdpa) or None (packed, flash).
+    attention_mask: [B, T] long (padded) or None (packed: the position ids mark the samples).
     targets_BT: [B, T] long, the token to predict at each position (-100 where there is none:
         prompt tokens, padding, sample boundaries). Already shifted: targets_BT[:, t] = input_ids[:, t+1].
     seq_lens: tokens per sample, in order (one entry per sample, packed or not).
@@ -81,13 +82,13 @@ def _targets(ids: Sequence[int], mask: Sequence[int]) -> list[int]:
 
 
 def collate(ids_rows: Sequence[Sequence[int]], mask_rows: Sequence[Sequence[int]], pad_id: int,
-            packed: bool = False, flash_attn: bool = False) -> Batch:
+            packed: bool = False) -> Batch:
     lens = [len(r) for r in ids_rows]
     if packed:
         ids = torch.tensor([t for r in ids_rows for t in r], dtype=torch.long)[None]
         tgt = torch.tensor([t for r, m in zip(ids_rows, mask_rows) for t in _targets(r, m)], dtype=torch.long)[None]
         pos = torch.cat([torch.arange(n) for n in lens])[None]
-        return Batch(ids, pos, None if flash_attn else block_causal_mask(lens), tgt, lens)
+        return Batch(ids, pos, None, tgt, lens)
     T = max(lens)
     ids = torch.full((len(lens), T), pad_id, dtype=torch.long)
     tgt = torch.full((len(lens), T), -100, dtype=torch.long)
@@ -99,10 +100,3 @@ def collate(ids_rows: Sequence[Sequence[int]], mask_rows: Sequence[Sequence[int]
     pos = torch.arange(T).expand(len(lens), T).contiguous()
     return Batch(ids, pos, att, tgt, lens)
 
-
-def block_causal_mask(seq_lens: Sequence[int]) -> torch.Tensor:
-    """[1, 1, T, T] bool: True where query t may attend key s (same sample and s <= t)."""
-    seg = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.as_tensor(seq_lens))
-    T = int(seg.numel())
-    causal = torch.ones(T, T, dtype=torch.bool).tril_()
-    return (causal & (seg[:, None] == seg[None, :]))[None, None]

@@ -143,11 +143,11 @@ class PairBatch:
     margin_P: torch.Tensor | None = None
 
 
-def pair_batch(data: PreferenceSet, indices: Sequence[int], pad_id: int, *, packed: bool, flash_attn: bool,
+def pair_batch(data: PreferenceSet, indices: Sequence[int], pad_id: int, *, packed: bool,
                device: Any) -> PairBatch:
     ids = [data.chosen_ids[i] for i in indices] + [data.rejected_ids[i] for i in indices]
     masks = [data.chosen_mask[i] for i in indices] + [data.rejected_mask[i] for i in indices]
-    batch = collate(ids, masks, pad_id, packed=packed, flash_attn=flash_attn).to(device)
+    batch = collate(ids, masks, pad_id, packed=packed).to(device)
     margin = None
     if data.margins is not None:
         margin = torch.tensor([data.margins[i] for i in indices], dtype=torch.float32, device=device)
@@ -159,8 +159,8 @@ def split_pairs(x_S: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, torch.
     return x_S[:num_pairs], x_S[num_pairs:]
 
 
-def pair_batch_maker(data: PreferenceSet, pad_id: int, *, packed: bool, flash_attn: bool, device: Any):
+def pair_batch_maker(data: PreferenceSet, pad_id: int, *, packed: bool, device: Any):
     """`make_batch(indices) -> PairBatch` for the shared loop."""
     def make(indices: list[int]) -> PairBatch:
-        return pair_batch(data, indices, pad_id, packed=packed, flash_attn=flash_attn, device=device)
+        return pair_batch(data, indices, pad_id, packed=packed, device=device)
     return make

@@ -231,8 +231,8 @@ class PRMBatch:
 
 
 def collate_prm(ids_rows: Sequence[Sequence[int]], label_rows: Sequence[Labels], *, pad_id: int,
-                placeholder_id: int, soft: bool, packed: bool = False, flash_attn: bool = False) -> PRMBatch:
-    inputs = collate(ids_rows, [[0] * len(r) for r in ids_rows], pad_id, packed=packed, flash_attn=flash_attn)
+                placeholder_id: int, soft: bool, packed: bool = False) -> PRMBatch:
+    inputs = collate(ids_rows, [[0] * len(r) for r in ids_rows], pad_id, packed=packed)
     steps = inputs.input_ids_BT == placeholder_id
     if not packed:
         steps &= inputs.attention_mask.bool()

@@ -23,10 +23,12 @@ def _require_gpu_package(flag: str, package: str, module: str) -> None:
 
 
 def attn_implementation(flash_attn: bool) -> str:
+    """flash-attn's kernels, or SDPA with padding-free packed rows (`models.attention`)."""
     if flash_attn:
         _require_gpu_package("flash_attn", "flash-attn", "flash_attn")
         return "flash_attention_2"
-    return "sdpa"
+    from rlhf_ops.models.attention import register
+    return register()
 
 
 def load_tokenizer(path: str, chat_template: str | None = None, padding_side: str = "right") -> Any:

@@ -65,8 +65,7 @@ class Models:
 
     def _forward(self, fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], prompt_lens: list[int],
                  cfg: Any) -> torch.Tensor:
-        return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples,
-                           cfg.flash_attn)
+        return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples)
 
     def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
         """logp_N of the actor, in eval mode (no dropout) as the samples were drawn (a forward; with
@@ -119,12 +118,11 @@ def sample(models: Models, prompts: PromptSet, idx: Sequence[int], n: int, param
 
 @torch.no_grad()
 def forward_all(fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], prompt_lens: list[int],
-                pad_id: int, micro: int, packed: bool, flash_attn: bool = False) -> torch.Tensor:
-    """Concatenate fn(batch) -> per-action values over micro-batches: [N] in row-major order.
-    Packed with `flash_attn`, a micro-batch carries position ids and no block mask (varlen kernel)."""
+                pad_id: int, micro: int, packed: bool) -> torch.Tensor:
+    """Concatenate fn(batch) -> per-action values over micro-batches: [N] in row-major order."""
     out = []
     for i in range(0, len(sequences), micro):
-        b = response_batch(sequences[i:i + micro], prompt_lens[i:i + micro], pad_id, packed, flash_attn)
+        b = response_batch(sequences[i:i + micro], prompt_lens[i:i + micro], pad_id, packed)
         out.append(fn(b).float().cpu())
     return torch.cat(out)
 

@@ -17,9 +17,9 @@ from rlhf_ops.data.batching import Batch, collate
 
 
 def response_batch(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int,
-                   packed: bool = False, flash_attn: bool = False) -> Batch:
+                   packed: bool = False) -> Batch:
     masks = [[0] * p + [1] * (len(s) - p) for s, p in zip(sequences, prompt_lens)]
-    return collate(sequences, masks, pad_id, packed=packed, flash_attn=flash_attn)
+    return collate(sequences, masks, pad_id, packed=packed)
 
 
 def action_logprobs(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,

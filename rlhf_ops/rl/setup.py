@@ -111,7 +111,7 @@ def reward_model_scores(reward_model: torch.nn.Module, cfg: Any, pad_id: int, se
     parts = []
     for i in range(0, len(seqs), cfg.micro_rollout_batch_size):
         chunk = seqs[i:i + cfg.micro_rollout_batch_size]
-        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples, flash_attn=cfg.flash_attn)
+        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples)
         parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
     rm = torch.cat(parts)
     if cfg.normalize_reward:
@@ -203,10 +203,6 @@ def build(cfg: RLConfig) -> RLSetup:
         raise ConfigError("--async_train samples from a whole copy of the actor, which ZeRO-3 partitions; "
                           "use --zero_stage 2 or less (or train_ppo_ray with a vLLM engine)")
     torch.manual_seed(cfg.seed)
-    if cfg.packing_samples:
-        logger.warning("--packing_samples: the RL forwards pack each micro-batch into one row with a block-diagonal "
-                       "attention mask, quadratic in the packed length; measured on CPU (benchmarks/scaling.md), "
-                       "padded batches make an RL step ~1.7x faster on the tiny preset")
     tok = load_tokenizer(cfg.pretrain, cfg.tokenizer_chat_template)
     prompts = build_prompts(cfg, tok, cfg.prompt_data, cfg.prompt_split, cfg.prompt_data_probs)
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None

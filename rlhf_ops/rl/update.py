@@ -20,7 +20,7 @@ def _micro(exp: Experience, idx: list[int], pad_id: int, cfg: Any, device: Any):
     resp = [exp.response_lens[i] for i in idx]
     T = max(resp)
     batch = response_batch([exp.sequences[i] for i in idx], [exp.prompt_lens[i] for i in idx], pad_id,
-                           cfg.packing_samples, cfg.flash_attn).to(device)
+                           cfg.packing_samples).to(device)
     take = lambda t: None if t is None else t[idx, :T].to(device)  # noqa: E731
     return batch, resp, take
 

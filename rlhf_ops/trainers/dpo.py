@@ -153,7 +153,7 @@ def reference_tables(cfg: DPOConfig, sets: list[PreferenceSet], pad_id: int, ran
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
     t0 = time.perf_counter()
     ref = load_reference(cfg, device)
-    kw = dict(packed=cfg.packing_samples, flash_attn=cfg.flash_attn, device=device)
+    kw = dict(packed=cfg.packing_samples, device=device)
     tables = [reference_logps(ref, s, pair_batch_maker(s, pad_id, **kw), cfg.micro_train_batch_size,
                               average=cfg.ipo, rank=rank, world=world) for s in sets]
     del ref
@@ -181,7 +181,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
                            ds_config=ds_config(cfg, world), load_in_4bit=cfg.load_in_4bit)
     model = apply_lora(model, cfg)
     engine = create_engine(model, cfg, steps_per_epoch(len(train), cfg.train_batch_size) * cfg.max_epochs)
-    kw = dict(packed=cfg.packing_samples, flash_attn=cfg.flash_attn, device=engine.module.device)
+    kw = dict(packed=cfg.packing_samples, device=engine.module.device)
     data = LoopData(len(train), dpo_batch_maker(train, ref_train, pad, **kw), len(evals) if evals else 0,
                     dpo_batch_maker(evals, ref_eval[0], pad, **kw) if evals else None)
     metrics = run_metrics(cfg, rank)

@@ -77,10 +77,10 @@ def prm_step(model: torch.nn.Module, batch: PRMBatch, reward_ids: list[int]):
     return out.loss, {"loss": (out.loss.item() * n, n), "acc": (out.accuracy.item() * n, n)}
 
 
-def batch_maker(data: PRMSet, pad_id: int, placeholder_id: int, packed: bool, flash: bool, device: Any):
+def batch_maker(data: PRMSet, pad_id: int, placeholder_id: int, packed: bool, device: Any):
     def make(indices: list[int]) -> PRMBatch:
         return collate_prm([data.input_ids[i] for i in indices], [data.labels[i] for i in indices], pad_id=pad_id,
-                           placeholder_id=placeholder_id, soft=data.soft, packed=packed, flash_attn=flash).to(device)
+                           placeholder_id=placeholder_id, soft=data.soft, packed=packed).to(device)
     return make
 
 
@@ -104,7 +104,7 @@ def train_prm(cfg: PRMConfig) -> dict[str, float]:
     model = apply_lora(model, cfg)
     engine = create_engine(model, cfg, steps_per_epoch(len(train), cfg.train_batch_size) * cfg.max_epochs)
     device, pad = engine.module.device, tokenizer.pad_token_id
-    make = lambda ts: batch_maker(ts, pad, ph_id, cfg.packing_samples, cfg.flash_attn, device)  # noqa: E731
+    make = lambda ts: batch_maker(ts, pad, ph_id, cfg.packing_samples, device)  # noqa: E731
     data = LoopData(len(train), make(train), len(evals) if evals else 0, make(evals) if evals else None)
     metrics = run_metrics(cfg, rank)
     loop = SupervisedLoop(cfg, engine, tokenizer, data, lambda m, b: prm_step(m, b, reward_ids), metrics, "prm")

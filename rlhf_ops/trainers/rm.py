@@ -145,7 +145,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
                              load_in_4bit=cfg.load_in_4bit, pad_token_id=tokenizer.pad_token_id)
     model = apply_lora(model, cfg, task_type="SEQ_CLS", modules_to_save=[HEAD])
     engine = create_engine(model, cfg, steps_per_epoch(len(train), cfg.train_batch_size) * cfg.max_epochs)
-    kw = dict(packed=cfg.packing_samples, flash_attn=cfg.flash_attn, device=engine.module.device)
+    kw = dict(packed=cfg.packing_samples, device=engine.module.device)
     data = LoopData(len(train), pair_batch_maker(train, tokenizer.pad_token_id, **kw),
                     n_eval, pair_batch_maker(evals, tokenizer.pad_token_id, **kw))
     metrics = run_metrics(cfg, rank)

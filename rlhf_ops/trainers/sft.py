@@ -69,10 +69,10 @@ def sft_step(model: torch.nn.Module, batch: Any, aux_loss_coef: float = 0.0):
     return out["loss"], {"loss": (out["nll_sum"].item(), out["num_targets"])}
 
 
-def batch_maker(data: TokenizedSet, pad_id: int, packed: bool, flash: bool, device: Any):
+def batch_maker(data: TokenizedSet, pad_id: int, packed: bool, device: Any):
     def make(indices: list[int]):
         return collate([data.input_ids[i] for i in indices], [data.loss_mask[i] for i in indices],
-                       pad_id, packed=packed, flash_attn=flash).to(device)
+                       pad_id, packed=packed).to(device)
     return make
 
 
@@ -98,9 +98,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     engine = create_engine(model, cfg, total)
     device = engine.module.device
     pad = tokenizer.pad_token_id
-    data = LoopData(len(train), batch_maker(train, pad, cfg.packing_samples, cfg.flash_attn, device),
+    data = LoopData(len(train), batch_maker(train, pad, cfg.packing_samples, device),
                     len(evals) if evals else 0,
-                    batch_maker(evals, pad, cfg.packing_samples, cfg.flash_attn, device) if evals else None)
+                    batch_maker(evals, pad, cfg.packing_samples, device) if evals else None)
     metrics = run_metrics(cfg, rank)
     loop = SupervisedLoop(cfg, engine, tokenizer, data, lambda m, b: sft_step(m, b, cfg.aux_loss_coef), metrics, "sft")
     try:

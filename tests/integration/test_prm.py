@@ -58,7 +58,7 @@ def step_metrics(model_path: str, cfg: PRMConfig) -> dict[str, float]:
     sums = {"loss": 0.0, "acc": 0.0}
     with torch.no_grad():
         for i in range(0, len(ts), 32):
-            batch = batch_maker(ts, tok.pad_token_id, ph, True, False, "cpu")(list(range(i, min(i + 32, len(ts)))))
+            batch = batch_maker(ts, tok.pad_token_id, ph, True, "cpu")(list(range(i, min(i + 32, len(ts)))))
             _, m = prm_step(model, batch, reward_ids)
             for k in sums:
                 sums[k] += m[k][0]

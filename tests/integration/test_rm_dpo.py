@@ -101,7 +101,7 @@ def test_target_logprob_sums_match_a_per_sample_forward_padded_and_packed(model_
             want.append(sum(logp[t, x[t + 1]] for t in range(len(x) - 1) if m[t + 1]))
             counts.append(sum(m[1:]))
         for packed in (False, True):
-            pb = pair_batch(ps, [0, 1, 2], tiny_tokenizer.pad_token_id, packed=packed, flash_attn=False, device="cpu")
+            pb = pair_batch(ps, [0, 1, 2], tiny_tokenizer.pad_token_id, packed=packed, device="cpu")
             sums, n = target_logprob_sums(model, pb.batch)
             # fp32 sums of ~30 logps of ~-6: measured max error 3e-5 (1.5e-7 relative)
             torch.testing.assert_close(sums.double(), torch.stack(want), rtol=5e-7, atol=1e-6)
@@ -118,8 +118,8 @@ def test_dpo_starts_at_zero_margin_when_the_policy_is_the_reference(model_dir, t
                         input_template=TEMPLATE, ipo=ipo)
         ps = build_preference_set(cfg, tiny_tokenizer, cfg.dataset, "train", max_samples=10)
         model = load_causal_lm(str(model_dir)).eval()
-        kw = dict(packed=False, flash_attn=False, device="cpu")
-        ref = reference_logps(model, ps, pair_batch_maker(ps, 0, packed=True, flash_attn=False, device="cpu"), 4,
+        kw = dict(packed=False, device="cpu")
+        ref = reference_logps(model, ps, pair_batch_maker(ps, 0, packed=True, device="cpu"), 4,
                               average=ipo)  # another layout and chunking than the step's
         with torch.no_grad():
             loss, m = dpo_step(model, dpo_batch_maker(ps, ref, 0, **kw)(list(range(10))), cfg)
@@ -153,7 +153,7 @@ def score_pairs(model, data, pad_id):
     out = []
     with torch.no_grad():
         for i in range(0, len(data), 16):
-            pb = pair_batch(data, list(range(i, min(i + 16, len(data)))), pad_id, packed=False, flash_attn=False, device="cpu")
+            pb = pair_batch(data, list(range(i, min(i + 16, len(data)))), pad_id, packed=False, device="cpu")
             out.append(torch.stack(split_pairs(sequence_rewards(token_values(model, pb.batch), pb.batch), pb.num_pairs)))
     return torch.cat(out, dim=1)
 

@@ -90,7 +90,7 @@ def eval_loss(model_path: Path, opts: dict) -> float:
     tok = load_tokenizer(str(model_path))
     evals = build_sft_set(cfg, tok, cfg.eval_dataset, cfg.eval_split)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, local_files_only=True).eval()
-    make = batch_maker(evals, tok.pad_token_id, cfg.packing_samples, False, "cpu")
+    make = batch_maker(evals, tok.pad_token_id, cfg.packing_samples, "cpu")
     nll_sum, count, mb = 0.0, 0, cfg.micro_train_batch_size
     with torch.no_grad():
         for i in range(0, len(evals), mb):

@@ -127,7 +127,7 @@ def test_pair_batch_holds_chosen_rows_then_rejected_rows(tiny_tokenizer, builtin
     cfg = cfg_for(builtin_data_dir / "preference", prompt_key="prompt", input_template=TEMPLATE, margin_key="margin")
     ps = build_preference_set(cfg, tiny_tokenizer, cfg.dataset, "train", max_samples=10, margin_key="margin")
     pick = [7, 2, 5]
-    pb = pair_batch(ps, pick, tiny_tokenizer.pad_token_id, packed=packed, flash_attn=False, device="cpu")
+    pb = pair_batch(ps, pick, tiny_tokenizer.pad_token_id, packed=packed, device="cpu")
     want = [ps.chosen_ids[i] for i in pick] + [ps.rejected_ids[i] for i in pick]
     assert pb.num_pairs == 3 and pb.batch.seq_lens == [len(x) for x in want]
     if packed:

@@ -154,7 +154,7 @@ def test_prm_loss_packed_equals_padded_equals_per_row_reference(model, tiny_toke
     ref = reference_loss(model, [ts.input_ids[i] for i in pick], [ts.labels[i] for i in pick], ph, reward_ids, ts.soft)
     results = {}
     for packed in (False, True):
-        batch = batch_maker(ts, tiny_tokenizer.pad_token_id, ph, packed, False, "cpu")(pick)
+        batch = batch_maker(ts, tiny_tokenizer.pad_token_id, ph, packed, "cpu")(pick)
         with torch.no_grad():
             loss, metrics = prm_step(model, batch, reward_ids)
         results[packed] = loss

@@ -258,10 +258,9 @@ def test_token_mean_scales_by_hand():
     assert token_mean_scales([6, 2, 1, 3], [[0, 1], [2, 3]]) == pytest.approx([16 / 12, 8 / 12], abs=1e-12)
 
 
-@pytest.mark.parametrize("flash_attn", [False, True])
-def test_rl_forwards_build_packed_batches_for_the_attention_kernel_asked_for(flash_attn):
-    """--packing_samples with --flash_attn: the varlen kernel takes position ids and no mask; without
-    it the packed row carries the block-diagonal mask (the RL forwards used to drop the flag)."""
+def test_rl_forwards_build_packed_batches_one_row_per_micro_batch():
+    """--packing_samples: each micro-batch of the RL forwards is one row, position ids restarting per
+    sample and no mask (the attention reads the samples from the position ids)."""
     from rlhf_ops.rl.experience import forward_all
 
     seen = []
@@ -271,8 +270,8 @@ def test_rl_forwards_build_packed_batches_for_the_attention_kernel_asked_for(fla
         return torch.zeros(int((batch.targets_BT != -100).sum()))
 
     seqs, plens = [[5, 6, 7, 8], [5, 6, 9], [5, 7]], [2, 2, 1]
-    out = forward_all(fn, seqs, plens, pad_id=0, micro=2, packed=True, flash_attn=flash_attn)
+    out = forward_all(fn, seqs, plens, pad_id=0, micro=2, packed=True)
     assert out.shape == (2 + 1 + 1,) and len(seen) == 2
     first = seen[0]
     assert first.position_ids_BT.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
-    assert (first.attention_mask is None) == flash_attn
+    assert first.attention_mask is None

@@ -45,7 +45,7 @@ def multiturn_data(tiny_tokenizer, builtin_data_dir):
 
 
 def make(ts, pad_id, packed):
-    return batch_maker(ts, pad_id, packed=packed, flash=False, device="cpu")(PICK)
+    return batch_maker(ts, pad_id, packed=packed, device="cpu")(PICK)
 
 
 def per_sample_reference(model, ids_rows, mask_rows) -> tuple[torch.Tensor, int]:
@@ -78,7 +78,7 @@ def test_target_nll_equals_full_logits_cross_entropy_over_the_padded_batch(tiny_
 def test_target_nll_equals_a_per_sample_unpadded_forward(model, tiny_tokenizer, sft_data, multiturn_data, packed):
     for ts in (sft_data, multiturn_data):
         picks = [i for i in PICK if i < len(ts)]
-        batch = batch_maker(ts, tiny_tokenizer.pad_token_id, packed=packed, flash=False, device="cpu")(picks)
+        batch = batch_maker(ts, tiny_tokenizer.pad_token_id, packed=packed, device="cpu")(picks)
         with torch.no_grad():
             nll, n = target_nll(model, batch)
         ref, ref_n = per_sample_reference(model, [ts.input_ids[i] for i in picks], [ts.loss_mask[i] for i in picks])

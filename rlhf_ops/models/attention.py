@@ -1,0 +1,133 @@
+"""Packed (padding-free) attention for CPU and non-flash GPUs: "rlhf_sdpa".
+
+A packed micro-batch is one row of samples laid end to end, position ids restarting at each
+sample. flash-attn reads the sample boundaries from the position ids and runs a varlen kernel.
+Plain SDPA has no varlen kernel, so Hugging Face builds a [1, 1, N, N] block-diagonal mask and
+attends over all N packed tokens: quadratic in the micro-batch's total length, and on CPU a
+masked (slower) kernel. That made packing slower than padding here (benchmarks/trl_compare.py).
+
+"rlhf_sdpa" is SDPA with one change: for a packed row it gathers each sample's q/k/v into a
+padded [S, H, L, D] layout (L = longest sample), runs the mask-free causal kernel on that and
+scatters the outputs back. Attention costs S * L^2 instead of N^2, and every other matmul
+(projections, MLP, LM head) still runs on the N real tokens only: packing without padding
+waste. Right padding inside a sample's slot is never attended by a real query (causal), so the
+result equals running each sample alone. Any other call (an explicit attention mask, a KV cache,
+one sample per row) is plain SDPA, unchanged.
+
+Sample boundaries come from the position ids (a position that does not continue its
+predecessor starts a sample, as in flash-attn's varlen path), so callers pass what they pass
+to any HF model. The name is registered with transformers on import; `load_causal_lm` and
+`load_reward_model` ask for it when --flash_attn is off. Saved configs do not record it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NAME = "rlhf_sdpa"
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each packed token sits in the padded [S, L] layout, and back.
+
+    pad_src_SL: [S * L] index into the flat [B * T] tokens (padding slots point at token 0).
+    slot_N: [B * T] index of each token's slot in the flat [S * L] layout.
+    """
+    num_samples: int
+    max_len: int
+    pad_src_SL: torch.Tensor
+    slot_N: torch.Tensor
+
+
+def packed_layout(position_ids_BT: torch.Tensor) -> PackedLayout | None:
+    """The layout of the samples in `position_ids_BT`, or None when each row holds one sample."""
+    B, T = position_ids_BT.shape
+    pos = position_ids_BT.reshape(-1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    starts[::T] = True  # a sample never spans two rows
+    seg_N = starts.cumsum(0) - 1
+    num_samples = int(seg_N[-1]) + 1
+    if num_samples == B:
+        return None
+    start_idx = torch.nonzero(starts).squeeze(1)
+    lens = torch.diff(start_idx, append=start_idx.new_tensor([pos.numel()]))
+    max_len = int(lens.max())
+    offset_N = torch.arange(pos.numel(), device=pos.device) - start_idx[seg_N]
+    slot_N = seg_N * max_len + offset_N
+    pad_src = torch.zeros(num_samples * max_len, dtype=torch.long, device=pos.device)
+    pad_src[slot_N] = torch.arange(pos.numel(), device=pos.device)
+    return PackedLayout(num_samples, max_len, pad_src, slot_N)
+
+
+_last: tuple[torch.Tensor, PackedLayout | None] | None = None  # every layer sees the same position_ids tensor
+
+
+def _layout(position_ids: torch.Tensor) -> PackedLayout | None:
+    global _last
+    last = _last
+    if last is not None and last[0] is position_ids:
+        return last[1]
+    layout = packed_layout(position_ids)
+    _last = (position_ids, layout)
+    return layout
+
+
+def packed_sdpa_BHTD(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+                     scale: float | None) -> torch.Tensor:
+    """Causal attention within each sample; q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, T, Hq, D]."""
+    B, Hq, T, D = q.shape
+    S, L = layout.num_samples, layout.max_len
+
+    def to_slots(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [S, H, L, D]
+        H = x.shape[1]
+        flat = x.transpose(1, 2).reshape(B * T, H, D)
+        return flat.index_select(0, layout.pad_src_SL).view(S, L, H, D).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(to_slots(q), to_slots(k), to_slots(v), is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != Hq)
+    return out.transpose(1, 2).reshape(S * L, Hq, D).index_select(0, layout.slot_N).view(B, T, Hq, D)
+
+
+def rlhf_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; packed rows take `packed_sdpa_BHTD`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    plain = (attention_mask is not None or pos is None or pos.dim() != 2 or query.shape[2] != key.shape[2]
+             or query.shape[2] == 1 or (dropout > 0 and module.training) or not getattr(module, "is_causal", True))
+    if not plain and pos.shape[0] != query.shape[0]:  # [1, T] ids broadcast over the batch
+        pos = pos.expand(query.shape[0], -1)
+    layout = None if plain else _layout(pos)
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if getattr(module, "sliding_window", None):
+        raise NotImplementedError(f"{NAME}: packed rows with sliding-window attention; use --flash_attn or "
+                                  "--no-packing_samples for this model")
+    return packed_sdpa_BHTD(query, key, value, layout, scaling), None
+
+
+def _mask(*args, attention_mask: torch.Tensor | None = None, config=None, **kwargs):
+    """No mask without a padding mask (causal and packing are the attention function's job)."""
+    from transformers.masking_utils import sdpa_mask
+
+    windowed = config is not None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if attention_mask is None and not windowed:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, config=config, **kwargs)
+
+
+def register() -> str:
+    """Register "rlhf_sdpa" with transformers (idempotent); returns the name to load models with."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, rlhf_sdpa_forward)
+    AttentionMaskInterface.register(NAME, _mask)
+    return NAME
