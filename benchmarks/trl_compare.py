@@ -217,7 +217,7 @@ def main() -> None:
 HOW = {
     "sft_padded": "train_sft (preset sft.yaml, --no-packing_samples) vs SFTTrainer(completion_only_loss, sequential "
                   "sampler): the same 8 pre-tokenized rows per step, right-padded to the longest; real tokens / window",
-    "sft_packed": "train_sft --packing_samples (1 row of 8 samples, block mask) vs SFTTrainer(packing bfd, max_length "
+    "sft_packed": "train_sft --packing_samples (1 row of 8 samples, rlhf_sdpa: no padding computed) vs SFTTrainer(packing bfd, max_length "
                   "128, {bins} bins/step flattened padding-free into 1 row): same rows, TRL bins them its own way",
     "grpo_packed": "train_ppo group_norm (preset rl.yaml + --packing_samples) vs GRPOTrainer (padded); 16 prompts x 4 "
                    "per RL step, 2 optimizer steps of 32 completions (micro 16); prompts of RL steps 2..N / window",

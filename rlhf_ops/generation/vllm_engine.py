@@ -5,14 +5,17 @@ interpreter: it runs `vllm_server.py` under the interpreter of a separate virtua
 (`.venv-vllm`, `make vllm-cpu-env`), and the two speak JSON lines over the child's stdin/stdout.
 A pipe was chosen over a Ray actor with its own `py_executable` because it needs nothing but the
 standard library on both sides, works with or without a Ray cluster, and the payloads are small:
-token ids each way, and a file path for the weights (the tensors themselves go through a
-safetensors file, which vLLM's `reload_weights` reads directly).
+token ids each way. The weights do not take the pipe: they go over a gloo broadcast
+(`weight_sync`; both venvs run torch 2.13.0) or through a safetensors file that vLLM's
+`reload_weights` reads directly.
 
 Semantics match `HFGenerator`: temperature 0 is greedy; a completion ends at (and includes) the
 first EOS, or at `max_new_tokens`; a call's `seed` makes sampling reproducible (each prompt gets its
-own seed drawn from it). After every actor update `sync_weights(model)` writes the actor's full
+own seed drawn from it). After every actor update `sync_weights(model)` sends the actor's full
 weights (DeepSpeed/PEFT unwrapped, ZeRO-3 gathered, LoRA merged) and has the engine reload them
-and drop its prefix cache; `last_sync_s` holds how long that took.
+and drop its prefix cache; `last_sync_s` holds how long that took. `sync_backend` says how the
+weights travel: "gloo", a broadcast over a process group of the client and the engine
+(`weight_sync`), or "file", a safetensors file the engine reads.
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ class VLLMGenerator:
     (fp32 by default, so greedy completions match the fp32 training model's token for token);
     `kv_cache_gb` sets VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1); `omp_threads_bind` sets
     VLLM_CPU_OMP_THREADS_BIND (give each engine its own cores when several share a machine).
+    `sync_backend`: "gloo" or "file" (module docstring).
     `micro_batch_size` only defines the chunks of `generate(..., chunks=...)`; the engine batches
     a whole call itself. The server's log goes to `log_path` (default: a temp file, removed by
     `close()`); failures quote its tail.
@@ -86,8 +90,11 @@ class VLLMGenerator:
                  dtype: str = "float32", enforce_eager: bool = True, enable_prefix_caching: bool = True,
                  kv_cache_gb: float = 1.0, max_model_len: int | None = None, seed: int = 0,
                  micro_batch_size: int = 16, omp_threads_bind: str | None = None, start_timeout: float = 900,
-                 request_timeout: float = 1800, log_path: str | os.PathLike | None = None):
-        self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
+                 request_timeout: float = 1800, log_path: str | os.PathLike | None = None, sync_backend: str = "gloo"):
+        if sync_backend not in ("gloo", "file"):
+            raise ValueError(f"sync_backend must be 'gloo' or 'file', got {sync_backend!r}")
+        self.tokenizer, self.micro_batch_size, self.sync_backend = tokenizer, micro_batch_size, sync_backend
+        self._sender: Any = None
         self.eos = tokenizer.eos_token_id
         self.request_timeout = request_timeout
         self.last_sync_s: float | None = None
@@ -142,12 +149,31 @@ class VLLMGenerator:
         return [_until_eos(list(c), self.eos) for c in res["result"]]
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy `model`'s current weights into the engine (a safetensors file, then a reload).
+        """Copy `model`'s current weights into the engine (a broadcast or a file, then a reload).
 
         Under ZeRO-3 every rank must call this (the gather is collective); only rank 0 talks to
         the engine, which only rank 0 should own.
         """
         t0 = time.perf_counter()
+        if self.sync_backend == "gloo":
+            sd = full_hf_state_dict(model)
+            if sd is None:  # not rank 0
+                return
+            t1 = time.perf_counter()
+            if self._sender is None:
+                from rlhf_ops.generation.weight_sync import WeightSender
+
+                self._sender = WeightSender("127.0.0.1", 0, world=2)
+                self.request_join("127.0.0.1", self._sender.port, rank=1, world=2)
+                self._sender.connect()
+                self.finish()
+            self.request_receive()
+            self._sender.send(sd)
+            res = self.finish()
+            self.last_sync_s = time.perf_counter() - t0
+            self.last_sync_detail = {"gather_s": t1 - t0, "receive_s": float(res.get("receive_s", 0.0)),
+                                     "engine_reload_s": float(res.get("engine_reload_s", 0.0))}
+            return
         written = save_hf_weights(model, self._tmp / "weights")
         if written is None:  # not rank 0
             return
@@ -165,10 +191,25 @@ class VLLMGenerator:
         self.last_sync_s = time.perf_counter() - t0
         self.last_sync_detail = {"reload_s": self.last_sync_s, "engine_reload_s": float(res.get("reload_s", 0.0))}
 
+    # ---- a weight-sync group formed by someone else (the Ray driver: actor rank 0 sends) ----
+
+    def request_join(self, host: str, port: int, rank: int, world: int) -> None:
+        """Ask the engine to join the weight-sync group at `host`:`port` as `rank`; `finish()` waits."""
+        self._send({"op": "join_sync", "host": host, "port": int(port), "rank": int(rank), "world": int(world)})
+
+    def request_receive(self) -> None:
+        """Ask the engine to receive one weight broadcast and reload; `finish()` waits."""
+        self._send({"op": "receive"})
+
+    def finish(self) -> dict:
+        """The engine's reply to the last request_* call."""
+        return self._receive(self.request_timeout)
+
     # ---- process plumbing ----
 
     def close(self) -> None:
         """Stop the engine process (politely, then by force) and remove the temp files. Idempotent."""
+        self._sender = None  # its process group and store go with it
         proc = getattr(self, "_proc", None)
         if proc is not None and proc.poll() is None:
             try:
@@ -222,11 +263,14 @@ class VLLMGenerator:
             raise VLLMError(f"vLLM server error:\n{msg.get('error')}\nlog tail:\n{self._log_tail(2000)}")
         return msg
 
-    def _call(self, req: dict) -> dict:
+    def _send(self, req: dict) -> None:
         if self._proc.poll() is not None:
             raise VLLMError(f"vLLM server is not running (code {self._proc.returncode}); log tail:\n{self._log_tail()}")
         self._proc.stdin.write(json.dumps(req) + "\n")
         self._proc.stdin.flush()
+
+    def _call(self, req: dict) -> dict:
+        self._send(req)
         return self._receive(self.request_timeout)
 
 

@@ -17,6 +17,9 @@ Protocol: one JSON object per line each way. After start-up the server writes
    "seeds": [int|null per prompt], "stop_token_ids": [ids]}  -> {"ok": true, "result": [[ids]]}
   {"op": "reload", "path": "<dir holding *.safetensors with HF key names>"}
                                                               -> {"ok": true, "reload_s": ...}
+  {"op": "join_sync", "host", "port", "rank", "world"}        -> {"ok": true} once the group is formed
+  {"op": "receive"}: one weight broadcast over that group, then a reload
+                                              -> {"ok": true, "receive_s": ..., "engine_reload_s": ...}
   {"op": "ping"} -> {"ok": true};  {"op": "shutdown"} -> {"ok": true}, then exit
 A failed request answers {"ok": false, "error": "<traceback>"} and the server keeps serving.
 vLLM's own logging goes to stderr: stdout carries the protocol only. When stdin closes (the
@@ -53,8 +56,50 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class WeightReceiver:
+    """Rank `rank` of the weight-sync group (`rlhf_ops.generation.weight_sync`, whose protocol this
+    mirrors: a length, a JSON header, one flat buffer per dtype, all broadcast from rank 0)."""
+
+    PREFIX = "rlhf_weight_sync"
+
+    def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float = 600):
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(self.PREFIX, store), rank, world, timeout)
+        self.store = store
+
+    def _recv(self, t):
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([t], opts).wait()
+        return t
+
+    def receive(self) -> list:
+        """[(name, tensor)] in the sender's order."""
+        import torch
+
+        n = int(self._recv(torch.zeros(1, dtype=torch.int64))[0])
+        header = json.loads(self._recv(torch.empty(n, dtype=torch.uint8)).numpy().tobytes().decode())
+        flats = {dt: self._recv(torch.empty(numel, dtype=getattr(torch, dt))) for dt, numel in header["flat"]}
+        offset = {dt: 0 for dt in flats}
+        out = []
+        for name, dt, shape in header["tensors"]:
+            numel = 1
+            for s in shape:
+                numel *= s
+            out.append((name, flats[dt][offset[dt]:offset[dt] + numel].view(shape)))
+            offset[dt] += numel
+        return out
+
+
 class Engine:
-    """The `vllm.LLM` and the three things the client asks of it."""
+    """The `vllm.LLM` and what the client asks of it."""
 
     def __init__(self, args: argparse.Namespace):
         from vllm import LLM
@@ -91,6 +136,23 @@ class Engine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()
 
+    def join_sync(self, req: dict) -> None:
+        """Join the client's weight-sync group (returns once every rank has joined)."""
+        self.receiver = WeightReceiver(req["host"], int(req["port"]), int(req["rank"]), int(req["world"]))
+
+    def receive(self) -> dict:
+        """Receive one broadcast of the weights and load them, as `reload` does from a file."""
+        import time as _t
+
+        t = _t.perf_counter()
+        weights = self.receiver.receive()
+        t_recv = _t.perf_counter() - t
+        # in-process engine ("uni" executor): the worker takes the tensors directly, no serialisation
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        worker.reload_weights(weights_iterator=iter(weights))
+        self.llm.reset_prefix_cache()
+        return {"receive_s": t_recv, "engine_reload_s": _t.perf_counter() - t - t_recv}
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
@@ -125,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 engine.reload(req["path"])
                 reply({"ok": True, "reload_s": time.perf_counter() - t})
+            elif op == "join_sync":
+                engine.join_sync(req)
+                reply({"ok": True})
+            elif op == "receive":
+                reply({"ok": True, **engine.receive()})
             elif op == "ping":
                 reply({"ok": True})
             elif op == "shutdown":

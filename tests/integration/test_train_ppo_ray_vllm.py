@@ -7,7 +7,8 @@ vLLM engine logs the same per-step rewards and response lengths as the run sampl
 actor itself. An engine that missed a sync would generate the old policy's completions. With
 --async_train and two engines (each sampling half of every rollout), the engines sample rollout
 k+1 during update k; the run then equals a local `train_ppo --async_train` run (same one-update
-lag) and differs from the synchronous one.
+lag) and differs from the synchronous one. Both runs sync over gloo: the first asks for it, the
+second keeps the reference's default `nccl`, which becomes gloo on a machine without GPUs.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_mode
             "lr_warmup_ratio": 0.0, "seed": 3, "logging_steps": 1}
     hf = run({**base, "save_path": tmp_path / "hf" / "model", "ckpt_path": tmp_path / "hf" / "ckpt"})
     vl = run({**base, "save_path": tmp_path / "vllm" / "model", "ckpt_path": tmp_path / "vllm" / "ckpt",
-              "vllm_num_engines": 1})
+              "vllm_num_engines": 1, "vllm_sync_backend": "gloo"})
     assert len(hf) == len(vl) == 3
     # the actor's greedy completions did change over the run, so an unsynced engine would show
     tok = load_tokenizer(str(tiny_model_dir))

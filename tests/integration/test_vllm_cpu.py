@@ -6,7 +6,8 @@ skipped with the reason. One engine is started for the module (20-40 s on CPU) a
 tests, which run in file order: the weight-sync test changes the weights the later tests see.
 
 What is proven: greedy completions of the engine equal the training model's own HF greedy
-completions, before and after an actor update (one optimizer step) followed by `sync_weights`;
+completions, before and after an actor update (one optimizer step) followed by `sync_weights`
+(over gloo, then through a file, then over the same gloo group again);
 seeded sampling is reproducible; LoRA adapters are merged into what the engine receives. Two
 tests need no vLLM: a missing venv is reported clearly, and ZeRO-3 weights are gathered.
 """
@@ -146,9 +147,16 @@ def test_sync_weights_after_update(engine, actor, tokenizer, prompts):
     TIMES.update({f"sync_{k}": v for k, v in engine.last_sync_detail.items()})
     assert engine.last_sync_s is not None and engine.last_sync_s > 0
     assert engine.generate(prompts, GREEDY) == after
-    # a second update + sync: the prefix cache (same prompts again) must not serve stale KV
+    # a second update + sync: the prefix cache (same prompts again) must not serve stale KV; this one goes
+    # through the file backend, and the next test's sync over the (kept) gloo group again
     _actor_update(actor, tokenizer)
-    engine.sync_weights(actor)
+    assert engine.sync_backend == "gloo"
+    engine.sync_backend = "file"
+    try:
+        engine.sync_weights(actor)
+    finally:
+        engine.sync_backend = "gloo"
+    TIMES["file_sync_s"] = engine.last_sync_s
     assert engine.generate(prompts, GREEDY) == _hf_greedy(actor, tokenizer, prompts)
 
 

@@ -1,0 +1,57 @@
+"""rlhf_ops.generation.weight_sync: the broadcast protocol between the sender and vllm_server's receiver.
+
+Both ends run here, in two threads of one process (each its own rank of a gloo group), so the
+protocol is tested without vLLM; tests/integration/test_vllm_cpu.py runs it against a real engine.
+"""
+import threading
+
+import pytest
+import torch
+
+from rlhf_ops.generation.vllm_server import WeightReceiver
+from rlhf_ops.generation.weight_sync import WeightSender, sync_backend
+
+
+def _receive_in_thread(host, port, rank, world, times, out):
+    def run():
+        try:
+            r = WeightReceiver(host, port, rank, world, timeout_s=60)
+            out[rank] = [r.receive() for _ in range(times)]
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            out[rank] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_every_engine_receives_every_tensor_with_its_name_dtype_and_shape():
+    g = torch.Generator().manual_seed(0)
+    first = {"model.embed_tokens.weight": torch.randn(7, 4, generator=g),
+             "model.layers.0.mlp.up_proj.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+             "model.norm.weight": torch.randn(4, generator=g),
+             "step": torch.tensor([3, 1], dtype=torch.int64)}
+    second = {k: v * 2 if v.is_floating_point() else v + 1 for k, v in first.items()}
+    sender = WeightSender("127.0.0.1", 0, world=3)
+    out: dict = {}
+    threads = [_receive_in_thread("127.0.0.1", sender.port, rank, 3, 2, out) for rank in (1, 2)]
+    sender.connect()
+    sent = [sender.send(first), sender.send(second)]
+    for t in threads:
+        t.join(timeout=60)
+    assert sent[0] == sent[1] > sum(v.numel() * v.element_size() for v in first.values())
+    for rank in (1, 2):
+        assert not isinstance(out[rank], BaseException), out[rank]
+        for want, got in zip((first, second), out[rank]):
+            assert [name for name, _ in got] == list(want)
+            for name, t in got:
+                assert t.dtype == want[name].dtype and t.shape == want[name].shape
+                assert torch.equal(t, want[name]), name
+
+
+def test_backend_choice():
+    assert sync_backend("gloo", on_gpu=False) == sync_backend("gloo", on_gpu=True) == "gloo"
+    assert sync_backend("nccl", on_gpu=False) == "gloo"   # no CUDA: the same broadcast over gloo
+    assert sync_backend("nccl", on_gpu=True) == "file"    # NCCL sync is not built: the file path, with a warning
+    with pytest.raises(ValueError):
+        from rlhf_ops.generation.vllm_engine import VLLMGenerator
+        VLLMGenerator("/nonexistent", None, sync_backend="nccl")
