@@ -16,8 +16,8 @@ one sample per row) is plain SDPA, unchanged.
 
 Sample boundaries come from the position ids (a position that does not continue its
 predecessor starts a sample, as in flash-attn's varlen path), so callers pass what they pass
-to any HF model. The name is registered with transformers on import; `load_causal_lm` and
-`load_value_model` ask for it when --flash_attn is off. Saved configs do not record it.
+to any HF model. `register()` adds the name to transformers; `load_causal_lm` and
+`load_value_model` call it and load with it when --flash_attn is off. Saved configs do not record it.
 """
 from __future__ import annotations
 
