@@ -69,13 +69,11 @@ class WeightSender:
 
     def send(self, state_dict: dict[str, torch.Tensor]) -> int:
         """Broadcast `state_dict` (CPU tensors); returns the bytes sent per engine."""
-        names = list(state_dict)
-        dtypes = sorted({str(state_dict[k].dtype).removeprefix("torch.") for k in names})
-        header = {"tensors": [[k, str(state_dict[k].dtype).removeprefix("torch."), list(state_dict[k].shape)] for k in names],
-                  "flat": []}
+        dtype = {k: str(t.dtype).removeprefix("torch.") for k, t in state_dict.items()}  # "float32", "bfloat16", ...
+        header = {"tensors": [[k, dtype[k], list(t.shape)] for k, t in state_dict.items()], "flat": []}
         flats = []
-        for dt in dtypes:
-            parts = [state_dict[k].detach().reshape(-1) for k in names if str(state_dict[k].dtype).removeprefix("torch.") == dt]
+        for dt in sorted(set(dtype.values())):
+            parts = [t.detach().reshape(-1) for k, t in state_dict.items() if dtype[k] == dt]
             flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
             header["flat"].append([dt, flat.numel()])
             flats.append(flat)
