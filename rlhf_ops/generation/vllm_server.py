@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -90,9 +91,7 @@ class WeightReceiver:
         offset = {dt: 0 for dt in flats}
         out = []
         for name, dt, shape in header["tensors"]:
-            numel = 1
-            for s in shape:
-                numel *= s
+            numel = math.prod(shape)
             out.append((name, flats[dt][offset[dt]:offset[dt] + numel].view(shape)))
             offset[dt] += numel
         return out
@@ -142,16 +141,14 @@ class Engine:
 
     def receive(self) -> dict:
         """Receive one broadcast of the weights and load them, as `reload` does from a file."""
-        import time as _t
-
-        t = _t.perf_counter()
+        t = time.perf_counter()
         weights = self.receiver.receive()
-        t_recv = _t.perf_counter() - t
+        t_recv = time.perf_counter() - t
         # in-process engine ("uni" executor): the worker takes the tensors directly, no serialisation
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=iter(weights))
         self.llm.reset_prefix_cache()
-        return {"receive_s": t_recv, "engine_reload_s": _t.perf_counter() - t - t_recv}
+        return {"receive_s": t_recv, "engine_reload_s": time.perf_counter() - t - t_recv}
 
 
 def main(argv: list[str] | None = None) -> int:
