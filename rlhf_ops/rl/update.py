@@ -29,14 +29,15 @@ def actor_step(engine: Any, exp: Experience, idx: list[int], cfg: Any, kl_coef: 
                scale: float = 1.0) -> dict[str, float]:
     """One micro-batch of the clipped policy loss (+ KL loss, - entropy bonus); backward x `scale`."""
     batch, resp, take = _micro(exp, idx, pad_id, cfg, engine.module.device)
-    logp_N, ent_N = action_logprobs(engine.module, batch, cfg.temperature, with_entropy=True)
+    logp_N, ent_N = action_logprobs(engine.module, batch, cfg.temperature, with_entropy=True,
+                                    entropy_grad=cfg.entropy_loss_coef != 0)
     logp_BT, mask_BT = to_BT(logp_N, resp), take(exp.mask_BT)
     dr = cfg.advantage_estimator == "dr_grpo"
     agg = dict(loss_agg="seq_mean_token_sum_norm" if dr else "token_mean",
                norm_constant=float(cfg.generate_max_len) if dr else None)
     pl = ppo_policy_loss(logp_BT, take(exp.old_logp_BT), take(exp.advantages_BT), mask_BT,
                          clip_eps_low=cfg.eps_clip, clip_eps_high=cfg.eps_clip, **agg)
-    ent = entropy_loss(to_BT(ent_N.detach() if cfg.entropy_loss_coef == 0 else ent_N, resp), mask_BT, **agg)
+    ent = entropy_loss(to_BT(ent_N, resp), mask_BT, **agg)
     loss = pl.loss - cfg.entropy_loss_coef * ent
     out = {"policy_loss": pl.loss.item(), "clip_frac": pl.clip_frac.item(), "approx_kl": pl.approx_kl.item(),
            "entropy": ent.item()}
