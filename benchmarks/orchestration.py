@@ -72,9 +72,8 @@ def _timed_flow(args: argparse.Namespace, overrides: dict, log: Path, executor: 
 @contextlib.contextmanager
 def _prefect_server(log: Path):
     """A `prefect server start` on 127.0.0.1 (this benchmark's own; stopped on exit); yields its API URL."""
-    import urllib.request
-
     from rlhf_ops.distributed.engine import free_port
+    from rlhf_ops.utils.net import wait_for_http
 
     port = free_port()
     prefect = str(Path(sys.executable).with_name("prefect"))
@@ -82,15 +81,8 @@ def _prefect_server(log: Path):
         proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
                                 env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"prefect server did not come up; its log: {log}")
-                time.sleep(1)
+        if not wait_for_http(f"http://127.0.0.1:{port}/api/health", 180, alive=lambda: proc.poll() is None):
+            raise SystemExit(f"prefect server did not come up; its log: {log}")
         yield f"http://127.0.0.1:{port}/api"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

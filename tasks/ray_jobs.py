@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -83,19 +82,14 @@ def local_head(num_cpus: int | None = None, startup_timeout: float = 180.0, log:
 
 
 def _wait_ready(address: str, token: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    req = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"`ray start --head` exited with code {proc.returncode}:\n{out[-3000:]}")
-        try:
-            with urllib.request.urlopen(req, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
+    from rlhf_ops.utils.net import wait_for_http
+
+    if wait_for_http(f"{address}/api/jobs/", timeout, headers={"Authorization": f"Bearer {token}"},
+                     alive=lambda: proc.poll() is None, interval_s=0.5):
+        return
+    if proc.poll() is not None:
+        out = proc.stdout.read() if proc.stdout else ""
+        raise RuntimeError(f"`ray start --head` exited with code {proc.returncode}:\n{out[-3000:]}")
     raise TimeoutError(f"the local Ray head did not answer at {address} within {timeout:.0f} s")
 
 

@@ -46,8 +46,9 @@ class HFGenerator:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, micro_batch_size: int = 16,
-                 record_logprobs: bool = False, own_copy: bool = False):
+                 record_logprobs: bool = False, own_copy: bool = False, kv_sampler: bool = True):
         self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
+        self.kv_sampler = kv_sampler  # False: always transformers' generate (benchmarks/generation.py compares)
         # with record_logprobs, every sampled completion's per-token log p under the sampling
         # distribution (softmax(logits / temperature)), keyed by the full sequence (prompt +
         # completion): the RL loop's old logprobs without a second forward (--use_rollout_logprobs)
@@ -101,7 +102,7 @@ class HFGenerator:
                         seed: int) -> list[list[int]]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         sample = params.temperature > 0
-        why_not = decode.unsupported(hf, max(map(len, prompts)) + params.max_new_tokens)
+        why_not = decode.unsupported(hf, max(map(len, prompts)) + params.max_new_tokens) if self.kv_sampler else "off"
         if why_not is None:
             record = self.record_logprobs and sample
             completions, logps = decode.sample(hf, prompts, params.max_new_tokens, params.temperature if sample else 0.0,
@@ -109,7 +110,8 @@ class HFGenerator:
             for p, c, lp in zip(prompts, completions, logps or ()):
                 self.rollout_logprobs[tuple(p) + tuple(c)] = lp
             return completions
-        _log_fallback(why_not)
+        if self.kv_sampler:
+            _log_fallback(why_not)
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         att = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -213,9 +213,8 @@ def test_dvc_repro_then_nothing_then_only_downstream_of_a_params_change(tmp_path
 @pytest.mark.slow
 def test_deployment_serves_runs_to_completion_and_keeps_its_schedule(tmp_path):
     """`prefect server start` on 127.0.0.1, `python -m flows.serve`, `prefect deployment run --watch`."""
-    import urllib.request
-
     from rlhf_ops.distributed.engine import free_port
+    from rlhf_ops.utils.net import wait_for_http
 
     port, run, prefect = free_port(), tmp_path / "run", str(Path(sys.executable).with_name("prefect"))
     env = subprocess_env()
@@ -235,15 +234,9 @@ def test_deployment_serves_runs_to_completion_and_keeps_its_schedule(tmp_path):
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
     try:
-        start(prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "0.log").read_text()[-3000:]
-                time.sleep(1)
+        server = start(prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        up = wait_for_http(f"http://127.0.0.1:{port}/api/health", 180, alive=lambda: server.poll() is None)
+        assert up, (tmp_path / "0.log").read_text()[-3000:]
         start(sys.executable, "-m", "flows.serve", "--preset", "ci", "--output_dir", str(run), "--executor", "local")
         deadline = time.monotonic() + 180
         while (inspect := cli("deployment", "inspect", "rlhf/full-pipeline")).returncode != 0:
