@@ -16,7 +16,9 @@ plus `torch.multinomial`, whose exponential draws alone cost ~1 ms per step for 
 
 The distribution is the one `generate` samples from (softmax(logits / T), nucleus-filtered by
 top_p; T == 0 is greedy), and the recorded log-probs are log softmax(logits / T) of the drawn
-tokens, as `HFGenerator` records them. The samples themselves differ from `generate`'s, which
+tokens, as `HFGenerator` records them. A checkpoint's generation_config.json (a repetition
+penalty, top_k) is not applied, on purpose: the RL loss scores softmax(logits / T), so sampling
+from anything else would make the rollouts off-policy (`generate` does apply it). The samples themselves differ from `generate`'s, which
 draws with `torch.multinomial`. Models this does not cover (other architectures, LoRA-wrapped
 or quantized layers, a sliding window shorter than the sequence, a GPU) go to `generate`:
 `unsupported(...)` says why. Tests: tests/unit/test_decode.py.
