@@ -245,33 +245,36 @@ def mechanisms(pre: dict) -> str:
     ROLLOUT = int(pre["rollout_batch_size"])  # noqa: N806
     full = max(1, mr // ROLLOUT)
     packed_logp = (
-        f"packed into rows of up to {mr} sequences. On CPU each packed row carries a dense [T, T] block-diagonal\n"
-        f"  causal mask (sdpa has no variable-length kernel here), so attention work and mask memory are quadratic\n"
-        f"  in the row's total length T = sum of its (prompt + response) lengths: quadratic in length, and in\n"
-        f"  samples until a row is full ({ROLLOUT} x n sequences per step: n={max(1, full // 2)} -> {ROLLOUT * max(1, full // 2)} "
-        f"sequences per row, n={full} -> {mr}, one full row; beyond that more rows, linear).")
+        f"packed into rows of up to {mr} sequences ({ROLLOUT} x n sequences per step: n={max(1, full // 2)} -> "
+        f"{ROLLOUT * max(1, full // 2)} sequences per row,\n  n={full} -> {mr}, one full row; beyond that more rows). "
+        f"`rlhf_sdpa` (rlhf_ops/models/attention.py) attends each\n  sample in its own slot, so no work is spent on "
+        f"padding or on a block mask: about linear in samples and in length,\n  plus the gather/scatter into slots.")
     padded_logp = (
         f"in padded micro-batches of {mr} sequences, each padded to its longest sequence: about linear in samples\n"
         f"  and in the padded length, plus attention quadratic in each sequence's own length (at most prompt +\n"
         f"  --generate_max_len, ~100 tokens here). Padding wastes work when lengths in a micro-batch differ (the\n"
         f"  SFT policy's answers), hardly any when every response runs to --generate_max_len (untrained policies).")
+    logp_models = ("a no-grad forward of the reference over every sample (the actor's old logprobs are\n  recorded "
+                   "while sampling, `use_rollout_logprobs`)" if pre.get("use_rollout_logprobs") else
+                   "a no-grad forward of the actor and of the reference over every sample")
     return f"""\
 What the code does per step (rlhf_ops/trainers/rl.py, rl/experience.py, generation/base.py,
 data/batching.py), the expectations to read the exponents against. The preset runs with
 `packing_samples: {str(packed).lower()}`.
-- *generate*: HF `generate` with a KV cache on micro-batches of `micro_rollout_batch_size` = {mr}
-  sequences; a micro-batch runs until its longest sample stops or hits --generate_max_len, so the
-  number of decode steps follows the longest response of each micro-batch, not the mean. Expected:
-  about linear in length (each decode step also attends over a growing cache); in samples, linear in
-  the number of micro-batches ({ROLLOUT} n / {mr}) plus whatever a wider batch costs per decode step.
-- *logprobs*: a no-grad forward of the actor and of the reference over every sample (then KL and
-  advantages, which are cheap), {packed_logp if packed else padded_logp}
-- *train*: forward + backward of micro-batches of {mt} sequences ({"packed, with the same dense mask" if packed
-  else "padded"}), one AdamW step per {tb} samples (`train_batch_size`): expected about linear in samples,
-  linear or a little worse in length.
+- *generate*: the KV-cached sampler (rlhf_ops/generation/decode.py) on micro-batches of
+  `micro_rollout_batch_size` = {mr} sequences; each group of identical prompts is prefilled once, and a
+  micro-batch runs until its longest sample stops or hits --generate_max_len, finished rows leaving the
+  batch as they end. Expected: about linear in length (each decode step also attends over a growing
+  cache); in samples, linear in the number of micro-batches ({ROLLOUT} n / {mr}) plus whatever a wider
+  batch costs per decode step.
+- *logprobs*: {logp_models}, then KL and advantages, which are cheap;
+  {packed_logp if packed else padded_logp}
+- *train*: forward + backward of micro-batches of {mt} sequences ({"packed, each sample attended in its own slot"
+  if packed else "padded"}), one AdamW step per {tb} samples (`train_batch_size`): expected about linear in
+  samples, linear or a little worse in length.
 - *score*: the rule-based reward, negligible at every point.
 - Model size: matmul work grows about linearly in parameters for a fixed token count; attention does
-  not (it scales with tokens and, for packed rows, tokens squared, with the head count fixed at 4);
+  not (it scales with tokens times each sample's own length, with the head count fixed at 4);
   at these widths (64-256) fixed per-op overhead is also a large part of a forward, so sublinear
   growth is expected.
 - The `{PACK_CHECK}` rows repeat the samples sweep with packing {"off" if packed else "on"};
@@ -290,7 +293,7 @@ def plots(out: Path, rl: list[dict], baseline: dict | None, zero: list[dict]) ->
                   if any(r["sweep"] == s for r in rl)]
         fig, axes = plt.subplots(1, len(sweeps), figsize=(4.6 * len(sweeps), 4.2), squeeze=False)
         styles = {"step_s": ("total step", "k", "o"), "generate_s": ("generate", "C0", "s"),
-                  "logprobs_s": ("logprobs (actor+ref)", "C1", "^"), "train_s": ("train", "C2", "D")}
+                  "logprobs_s": ("logprobs (ref; actor too without use_rollout_logprobs)", "C1", "^"), "train_s": ("train", "C2", "D")}
         for ax, sweep in zip(axes[0], sweeps):
             key, xlabel = SWEEP_X[sweep]
             companion = {"generate_max_len": ("generate_max_len (SFT policy)", " (SFT policy)"),
