@@ -58,6 +58,8 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
                 return f"layers.{i}.{name} is a {type(mod).__name__}, not a plain Linear (LoRA/quantized)"
         if hasattr(layer.self_attn, "q_norm"):
             return "q/k norms in attention"
+    if type(inner.embed_tokens) is not torch.nn.Embedding:
+        return f"embed_tokens is a {type(inner.embed_tokens).__name__}, not a plain Embedding"
     if type(getattr(hf, "lm_head", None)) is not torch.nn.Linear:
         return "lm_head is not a plain Linear"
     return None
@@ -103,7 +105,11 @@ class _Weights:
         self.H, self.KV = cfg.num_attention_heads, cfg.num_key_value_heads
         self.D = attn0.head_dim
         self.scaling = float(attn0.scaling)
-        self.embed, self.rotary, self.lm_head = inner.embed_tokens, inner.rotary_emb, hf.lm_head
+        # weights and plain forwards only, never a module call: under ZeRO-3 a module call runs DeepSpeed's
+        # fetch/release hooks, whose all-gathers would need every rank in step (ranks sample different lengths)
+        self.embed = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb.forward
+        self.lm_head_w, self.lm_head_b = hf.lm_head.weight, hf.lm_head.bias
         self.norm, self.norm_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
         qfix = lambda t: _interleave_rows(t, self.H, self.D)  # noqa: E731
         kfix = lambda t: _interleave_rows(t, self.KV, self.D)  # noqa: E731
@@ -167,7 +173,7 @@ def _forward(w: _Weights, cache: _Cache, ids_BT: torch.Tensor, pos_BT: torch.Ten
     """
     B, T = ids_BT.shape
     H, KV, D = w.H, w.KV, w.D
-    x = w.embed(ids_BT)
+    x = F.embedding(ids_BT, w.embed)
     rot = w.rope(x, pos_BT)
     t0, t1 = cache.length, cache.length + T
     for i, lw in enumerate(w.layers):
@@ -197,7 +203,7 @@ def _forward(w: _Weights, cache: _Cache, ids_BT: torch.Tensor, pos_BT: torch.Ten
 
 def _next_logits(w: _Weights, x_BTC: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] at each row's last position."""
-    return w.lm_head(_rms_norm(x_BTC[:, -1], w.norm, w.norm_eps)).float()
+    return F.linear(_rms_norm(x_BTC[:, -1], w.norm, w.norm_eps), w.lm_head_w, w.lm_head_b).float()
 
 
 def _nucleus(z_BV: torch.Tensor, top_p: float) -> torch.Tensor:
