@@ -166,3 +166,14 @@ def test_unsupported_model_falls_back_to_generate(tiny_tokenizer):
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # B = 0: same outputs
     got = HFGenerator(lora, tiny_tokenizer, micro_batch_size=8).generate(prompts, SamplingParams(0.0, 5))
     assert got == want
+
+
+def test_no_module_is_called(tiny_tokenizer):
+    """Under ZeRO-3 a module call runs DeepSpeed's fetch/release hooks, whose all-gathers need every rank in
+    step; ranks sample different numbers of steps, so the sampler must only read weights (it once deadlocked)."""
+    model = _llama(tiny_tokenizer)
+    called = []
+    for name, mod in model.named_modules():
+        mod.register_forward_pre_hook(lambda m, args, name=name: called.append(name))
+    decode.sample(model, _prompts(2, 2), 4, temperature=1.0, top_p=0.9, seed=0, eos_id=None, pad_id=PAD)
+    assert called == []
