@@ -152,6 +152,11 @@ def test_unsupported_models_name_the_reason(tiny_tokenizer):
     assert decode.unsupported(model, 100) is None
     lora = get_peft_model(_llama(tiny_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert "not a plain Linear" in decode.unsupported(lora.get_base_model(), 100)
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: out)  # a hook the sampler would skip
+    assert decode.unsupported(model, 100) == "forward hooks on lm_head"
+    handle.remove()
+    model.register_forward_pre_hook(lambda m, args: None)  # on the root only (DeepSpeed ZeRO 0-2): never called
+    assert decode.unsupported(model, 100) is None
     model.config.sliding_window = 32
     assert "sliding window 32" in decode.unsupported(model, 100)
     assert decode.unsupported(model, 32) is None  # a window the sequence never exceeds changes nothing
