@@ -20,8 +20,8 @@ tokens, as `HFGenerator` records them. A checkpoint's generation_config.json (a 
 penalty, top_k) is not applied, on purpose: the RL loss scores softmax(logits / T), so sampling
 from anything else would make the rollouts off-policy (`generate` does apply it). The samples themselves differ from `generate`'s, which
 draws with `torch.multinomial`. Models this does not cover (other architectures, LoRA-wrapped
-or quantized layers, forward hooks on a submodule (ZeRO-3 puts some on all of them), a sliding
-window shorter than the sequence, a GPU) go to `generate`:
+or quantized layers, a user's forward hook on a submodule, a sliding window shorter than the
+sequence, a GPU) go to `generate`:
 `unsupported(...)` says why. Tests: tests/unit/test_decode.py.
 """
 from __future__ import annotations
@@ -59,9 +59,10 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
                 return f"layers.{i}.{name} is a {type(mod).__name__}, not a plain Linear (LoRA/quantized)"
         if hasattr(layer.self_attn, "q_norm"):
             return "q/k norms in attention"
-    # the sampler reads weights and calls no module, so forward hooks would not run; they go to `generate`
-    # (a user's logit hook; DeepSpeed ZeRO-3's fetch/release hooks on every submodule; not ZeRO 0-2's on the root)
-    hooked = [n for n, m in hf.named_modules() if n and (m._forward_hooks or m._forward_pre_hooks)]
+    # the sampler reads weights and calls no module, so forward hooks would not run: a model with a hook of its
+    # user's (a logit hook) goes to `generate`. DeepSpeed's are no reason: ZeRO-3's fetch/release hooks on every
+    # submodule have nothing to do while the generator holds the weights gathered, and ZeRO 0-2 hook only the root
+    hooked = [n for n, m in hf.named_modules() if n and _user_hooks(m)]
     if hooked:
         return f"forward hooks on {hooked[0]}" + (f" and {len(hooked) - 1} more modules" if len(hooked) > 1 else "")
     from torch.nn.modules import module as _module
@@ -72,6 +73,12 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
     if type(getattr(hf, "lm_head", None)) is not torch.nn.Linear:
         return "lm_head is not a plain Linear"
     return None
+
+
+def _user_hooks(module: torch.nn.Module) -> list:
+    """The module's forward (pre-)hooks that are not DeepSpeed's own."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [h for h in hooks if not (getattr(h, "__module__", None) or "").startswith("deepspeed.")]
 
 
 @dataclass
