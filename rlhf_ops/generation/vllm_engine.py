@@ -160,16 +160,9 @@ class VLLMGenerator:
             if sd is None:  # not rank 0
                 return
             t1 = time.perf_counter()
-            if self._sender is None:
-                from rlhf_ops.generation.weight_sync import WeightSender
+            from rlhf_ops.generation.weight_sync import pack
 
-                self._sender = WeightSender("127.0.0.1", 0, world=2)
-                self.request_join("127.0.0.1", self._sender.port, rank=1, world=2)
-                self._sender.connect()
-                self.finish()
-            self.request_receive()
-            self._sender.send(sd)
-            res = self.finish()
+            res = self.load_packed(*pack(sd))
             self.last_sync_s = time.perf_counter() - t0
             self.last_sync_detail = {"gather_s": t1 - t0, "receive_s": float(res.get("receive_s", 0.0)),
                                      "engine_reload_s": float(res.get("engine_reload_s", 0.0))}
@@ -181,6 +174,20 @@ class VLLMGenerator:
         self.load_weights(written.parent)
         self.last_sync_s = time.perf_counter() - t0
         self.last_sync_detail = {"gather_write_s": t1 - t0, **self.last_sync_detail}
+
+    def load_packed(self, header: dict, flats: list[torch.Tensor]) -> dict:
+        """Send weights packed by `weight_sync.pack` to the engine over a gloo pair on the loopback
+        (opened on first use) and have it reload them; returns the engine's reply (timings)."""
+        if self._sender is None:
+            from rlhf_ops.generation.weight_sync import WeightSender
+
+            self._sender = WeightSender("127.0.0.1", 0, world=2)
+            self.request_join("127.0.0.1", self._sender.port, rank=1, world=2)
+            self._sender.connect()
+            self.finish()
+        self.request_receive()
+        self._sender.send_packed(header, flats)
+        return self.finish()
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         """Have the engine reload its weights from `directory` (*.safetensors, HF key names) and drop

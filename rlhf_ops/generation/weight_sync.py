@@ -13,9 +13,16 @@ runs under vLLM's own interpreter) mirrors these steps and hands the tensors to 
 `reload_weights`. Compared with the safetensors file the file backend writes and reloads, no
 bytes touch the disk, and N engines receive one broadcast instead of N file reads.
 
-Backends: "gloo" (CPU tensors; the only one built and tested here). "nccl" needs CUDA tensors on
-both sides and the CUDA vLLM; it is not built, so `sync_backend` maps it to gloo on a CPU machine
-and to the file backend on a GPU one, and says so in the log.
+Backends (`sync_backend`):
+  * "gloo": the broadcast above, rank 0 and the engines in one group (CPU tensors; any machine).
+  * "ray" (--vllm_sync_with_ray): the same packed buffers (`pack`) go through Ray's object store:
+    actor rank 0 returns them from a task, every engine's Ray actor (`ray_rl.engines`) fetches
+    them, zero-copy on rank 0's node, and hands them to its own vLLM process over a two-process
+    gloo group on the loopback. Only Ray's own connections cross machines. Why not
+    `ray.util.collective`: its gloo group initialises torch's default process group, which
+    DeepSpeed already owns in the actor's processes, and its NCCL group needs CUDA.
+  * "nccl" needs CUDA tensors on both sides and the CUDA vLLM; it is not built. On a CPU machine
+    `sync_backend` maps it to gloo, on a GPU one to "ray", and says so in the log.
 """
 from __future__ import annotations
 
@@ -31,15 +38,44 @@ PREFIX = "rlhf_weight_sync"
 TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def sync_backend(requested: str, on_gpu: bool) -> str:
-    """The backend that will carry the weights: "gloo" or "file" (see the module docstring)."""
+def sync_backend(requested: str, on_gpu: bool, with_ray: bool = False) -> str:
+    """The backend that will carry the weights: "gloo" or "ray" (see the module docstring)."""
+    if with_ray:
+        return "ray"
     if requested == "gloo":
         return "gloo"
     if requested == "nccl" and not on_gpu:
         logger.info("--vllm_sync_backend nccl needs CUDA GPUs; this machine has none, so the weights go over gloo")
         return "gloo"
-    logger.warning("--vllm_sync_backend %s is not built yet; the weights go through a safetensors file", requested)
-    return "file"
+    logger.warning("--vllm_sync_backend %s is not built yet; the weights go through Ray's object store", requested)
+    return "ray"
+
+
+def pack(state_dict: dict[str, torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
+    """(header, flat buffers): what one sync sends, whatever the transport (module docstring)."""
+    dtype = {k: str(t.dtype).removeprefix("torch.") for k, t in state_dict.items()}  # "float32", "bfloat16", ...
+    header: dict = {"tensors": [[k, dtype[k], list(t.shape)] for k, t in state_dict.items()], "flat": []}
+    flats = []
+    for dt in sorted(set(dtype.values())):
+        parts = [t.detach().reshape(-1) for k, t in state_dict.items() if dtype[k] == dt]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        header["flat"].append([dt, flat.numel()])
+        flats.append(flat)
+    return header, flats
+
+
+def to_bytes(flats: list[torch.Tensor]) -> list:
+    """Flat buffers as uint8 numpy arrays (no copy): Ray stores and reads numpy without pickling."""
+    return [f.contiguous().view(torch.uint8).numpy() for f in flats]
+
+
+def from_bytes(header: dict, arrays: list) -> list[torch.Tensor]:
+    """`to_bytes` undone: the flat buffers with their dtypes (views of `arrays`, which Ray may hand over read-only)."""
+    import warnings
+
+    with warnings.catch_warnings():  # read-only numpy -> tensor: the buffers are only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return [torch.from_numpy(a).view(getattr(torch, dt)) for a, (dt, _) in zip(arrays, header["flat"])]
 
 
 def _broadcast(pg: Any, t: torch.Tensor) -> None:
@@ -69,14 +105,10 @@ class WeightSender:
 
     def send(self, state_dict: dict[str, torch.Tensor]) -> int:
         """Broadcast `state_dict` (CPU tensors); returns the bytes sent per engine."""
-        dtype = {k: str(t.dtype).removeprefix("torch.") for k, t in state_dict.items()}  # "float32", "bfloat16", ...
-        header = {"tensors": [[k, dtype[k], list(t.shape)] for k, t in state_dict.items()], "flat": []}
-        flats = []
-        for dt in sorted(set(dtype.values())):
-            parts = [t.detach().reshape(-1) for k, t in state_dict.items() if dtype[k] == dt]
-            flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-            header["flat"].append([dt, flat.numel()])
-            flats.append(flat)
+        return self.send_packed(*pack(state_dict))
+
+    def send_packed(self, header: dict, flats: list[torch.Tensor]) -> int:
+        """Broadcast what `pack` made; returns the bytes sent per engine."""
         raw = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
         _broadcast(self.pg, torch.tensor([raw.numel()], dtype=torch.int64))
         _broadcast(self.pg, raw)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,98 +59,6 @@ class RemoteGenerator:
 
     def sync_weights(self, model: Any) -> None:
         """Nothing to copy: the actor ranks generate on their live training weights."""
-
-
-def engine_cpu_binds(n: int, cores: Sequence[int]) -> list[str | None]:
-    """VLLM_CPU_OMP_THREADS_BIND per engine: `cores` cut into n contiguous shares ("0-3", "4-7"), so
-    engines on one machine do not all pin themselves to CPU 0. With fewer cores than engines, or
-    one engine, None (vLLM's own default)."""
-    cores = sorted(cores)
-    if n <= 1 or len(cores) < n:
-        return [None] * n
-    per = len(cores) // n
-    return [f"{cores[e * per]}-{cores[(e + 1) * per - 1]}" for e in range(n)]
-
-
-class VLLMEngineGenerator:
-    """`Generator` over --vllm_num_engines vLLM engines owned by the driver, fed by the actor group.
-
-    A call's prompts are cut into one contiguous share of micro-batches per engine, sampled
-    concurrently; prompt i's seed is the same whichever engine gets it, so N engines return what
-    one engine would. `sync_weights` runs before the first rollout too, so a resumed run samples from
-    its checkpoint. With --vllm_sync_backend gloo (and nccl on a CPU machine: `weight_sync.sync_backend`)
-    actor rank 0 and the engines form a process group of their own on the first sync, and each sync
-    is one broadcast of the current weights (HF names, gathered under ZeRO-3) from rank 0 to every
-    engine, which reloads them and drops its prefix cache. The file backend has the actor ranks
-    write the weights once into a folder of the driver's (visible to actor rank 0 and the driver:
-    one machine or a shared filesystem) and every engine reload them from there.
-    """
-
-    def __init__(self, cfg: Any, tokenizer: Any, actor_group: RoleGroup, gpu: bool = False):
-        import os
-        import tempfile
-
-        from rlhf_ops.generation.vllm_engine import VLLMGenerator
-        from rlhf_ops.generation.weight_sync import sync_backend
-
-        self.group, self.micro = actor_group, cfg.micro_rollout_batch_size
-        self.backend, self.joined = sync_backend(cfg.vllm_sync_backend, gpu), False
-        self.dir = Path(tempfile.mkdtemp(prefix="rlhf_vllm_sync_"))
-        n = cfg.vllm_num_engines
-        binds = engine_cpu_binds(n, os.sched_getaffinity(0))
-        self.engines: list[Any] = []
-        try:
-            for bind in binds:  # one at a time: on a small machine concurrent start-ups only contend
-                self.engines.append(VLLMGenerator(cfg.pretrain, tokenizer, enforce_eager=cfg.enforce_eager,
-                                                  enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
-                                                  micro_batch_size=self.micro, omp_threads_bind=bind,
-                                                  sync_backend=self.backend))
-        except BaseException:
-            self.close()
-            raise
-        logger.info("%d vLLM engine(s) started in %s s (CPU binds %s)", n,
-                    ", ".join(f"{e.start_s:.1f}" for e in self.engines), binds)
-
-    def _each(self, fn: Any, args: list[tuple]) -> list[Any]:
-        """fn(engine, *args[e]) for every engine at once (each call waits on its engine's process)."""
-        if len(self.engines) == 1:
-            return [fn(self.engines[0], *args[0])]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(self.engines)) as pool:
-            return list(pool.map(lambda ea: fn(ea[0], *ea[1]), zip(self.engines, args)))
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-        parts = shares(-(-len(prompts) // self.micro), len(self.engines))
-        out = self._each(lambda e, c: e.generate(prompts, params, chunks=c) if len(c) else [], [(c,) for c in parts])
-        return [x for part in out for x in part]
-
-    def sync_weights(self, model: Any = None) -> None:
-        if self.backend == "file":
-            self.group.run("write_actor_weights", str(self.dir))
-            self._each(lambda e: e.load_weights(self.dir), [()] * len(self.engines))
-            return
-        t0 = time.perf_counter()
-        world = len(self.engines) + 1
-        if not self.joined:
-            host, port = self.group.call_ranks("open_weight_sync", {0: (world,)})[0]
-            for rank, e in enumerate(self.engines, start=1):
-                e.request_join(host, port, rank, world)
-            self.group.call_ranks("connect_weight_sync", {0: ()})
-            for e in self.engines:
-                e.finish()
-            self.joined = True
-        for e in self.engines:
-            e.request_receive()
-        self.group.run("broadcast_actor_weights")
-        replies = [e.finish() for e in self.engines]
-        logger.debug("weights broadcast to %d engine(s) in %.2f s (engine reloads %s s)", len(self.engines),
-                     time.perf_counter() - t0, ", ".join(f"{r.get('engine_reload_s', 0.0):.2f}" for r in replies))
-
-    def close(self) -> None:
-        for e in self.engines:
-            e.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class RemoteModels(Models):

@@ -17,8 +17,7 @@ import os
 
 import torch
 
-from rlhf_ops.ray_rl.driver import (RaySetup, RemoteGenerator, RemoteModels, VLLMEngineGenerator, lockstep,
-                                    remote_reward_scores)
+from rlhf_ops.ray_rl.driver import RaySetup, RemoteGenerator, RemoteModels, lockstep, remote_reward_scores
 from rlhf_ops.ray_rl.group import RoleGroup
 from rlhf_ops.ray_rl.placement import describe, place, plan_groups
 from rlhf_ops.rl.ray_config import RayPPOConfig
@@ -48,14 +47,12 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
     from rlhf_ops.utils.tracking import run_metrics
 
     torch.manual_seed(cfg.seed)
-    if cfg.ref_reward_offload:
-        logger.warning("--ref_reward_offload is accepted but not implemented yet: the models stay where they are")
     tok = load_tokenizer(cfg.pretrain, cfg.tokenizer_chat_template)
     prompts = build_prompts(cfg, tok, cfg.prompt_data, cfg.prompt_split, cfg.prompt_data_probs)
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     specs = plan_groups(cfg)
-    pg, gpu = place(specs, cfg.ray_cpus_per_rank, cfg.placement_timeout)
-    logger.info("placed %s on %s", describe(specs), "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
+    pg, gpu = place(specs, cfg.ray_cpus_per_rank, cfg.placement_timeout, cfg.vllm_num_engines)
+    logger.info("placed %s on %s", describe(specs, cfg.vllm_num_engines), "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
     groups, first = {}, 0
     try:
         for spec in specs:
@@ -65,17 +62,19 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
         pending = [(g, g.start(cfg, steps)) for g in groups.values()]  # all groups load their models at once
         for g, refs in pending:
             g.gather(refs, "setup")
+        holder = {role: g for g in groups.values() for role in g.spec.roles}
+        if cfg.vllm_num_engines:
+            from rlhf_ops.ray_rl.engines import RayEngines
+
+            gen = RayEngines(cfg, tok, holder["actor"], pg, first, gpu)
+        else:
+            gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
     except BaseException:
         for g in groups.values():
             g.kill()
         from ray.util.placement_group import remove_placement_group
         remove_placement_group(pg)
         raise
-    holder = {role: g for g in groups.values() for role in g.spec.roles}
-    if cfg.vllm_num_engines:
-        gen = VLLMEngineGenerator(cfg, tok, holder["actor"], gpu)
-    else:
-        gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
     rm = remote_reward_scores(holder["reward"], cfg.micro_rollout_batch_size) if "reward" in holder else None
     models = RemoteModels(holder, gen, make_scorer(cfg, tok, None, rm_scores=rm), tok.pad_token_id)
     return RaySetup(cfg, tok, prompts, evals, None, None, models, gen, kl_controller(cfg), run_metrics(cfg, 0),

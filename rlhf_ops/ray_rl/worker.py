@@ -81,12 +81,19 @@ class RoleWorker:
         if sd is not None:
             self.sender.send(sd)
 
-    def write_actor_weights(self, directory: str) -> None:
-        """The actor's full HF-named weights to `directory`/model.safetensors (rank 0 writes; under
-        ZeRO-3 every rank takes part in the gather), for the driver's vLLM engine to reload."""
-        from rlhf_ops.generation.vllm_engine import save_hf_weights
+    def put_actor_weights(self) -> list | None:
+        """Rank 0: [a Ray reference to the actor's packed weights] (`weight_sync.pack`, as uint8 arrays), for
+        the engines to fetch (--vllm_sync_with_ray); None on the other ranks, which take part in the ZeRO-3 gather."""
+        import ray
 
-        save_hf_weights(self.m["actor"].module, directory)
+        from rlhf_ops.generation.vllm_engine import full_hf_state_dict
+        from rlhf_ops.generation.weight_sync import pack, to_bytes
+
+        sd = full_hf_state_dict(self.m["actor"].module)
+        if sd is None:
+            return None
+        header, flats = pack(sd)
+        return [ray.put((header, to_bytes(flats)))]
 
     def forward(self, role: str, seqs: list[list[int]], plens: list[int], rounds: int = 0,
                 filler: tuple[list[list[int]], list[int]] | None = None) -> torch.Tensor:
@@ -103,15 +110,27 @@ class RoleWorker:
             if recorded is not None:
                 return recorded
         fn = {"actor": self.models.old_logprobs, "ref": self.models.ref_logprobs, "critic": self.models.values}[role]
-        out = fn(seqs, plens, self.cfg) if seqs else torch.zeros(0)
-        for _ in range(rounds - -(-len(seqs) // self.cfg.micro_rollout_batch_size)):
-            fn(*filler, self.cfg)
+        with self._resident(role):
+            out = fn(seqs, plens, self.cfg) if seqs else torch.zeros(0)
+            for _ in range(rounds - -(-len(seqs) // self.cfg.micro_rollout_batch_size)):
+                fn(*filler, self.cfg)
         return out
 
     def reward_scores(self, seqs: list[list[int]]) -> torch.Tensor:
         from rlhf_ops.rl.setup import reward_model_scores
 
-        return reward_model_scores(self.m["reward"], self.cfg, self.tokenizer.pad_token_id, seqs)
+        with self._resident("reward"):
+            return reward_model_scores(self.m["reward"], self.cfg, self.tokenizer.pad_token_id, seqs)
+
+    def _resident(self, role: str) -> Any:
+        """--ref_reward_offload: the frozen model of `role` on the accelerator for this block only."""
+        from contextlib import nullcontext
+
+        from rlhf_ops.distributed.device import accelerator, resident
+
+        if role in ("ref", "reward") and self.cfg.ref_reward_offload:
+            return resident(self.m[role], accelerator())
+        return nullcontext()
 
     # ------------------------------------------------------------------------------------ training
 

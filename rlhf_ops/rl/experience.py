@@ -63,9 +63,12 @@ class Models:
     score: Callable[..., Scores]  # (prompt set, sequences, prompt rows, prompt lens, batch=name) -> Scores
     pad_id: int
 
-    def _forward(self, fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], prompt_lens: list[int],
-                 cfg: Any) -> torch.Tensor:
-        return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples)
+    def _forward(self, model: torch.nn.Module, fn: Callable[[Any], torch.Tensor], sequences: list[list[int]],
+                 prompt_lens: list[int], cfg: Any) -> torch.Tensor:
+        from rlhf_ops.distributed.device import param_device
+
+        return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples,
+                           param_device(model))
 
     def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
         """logp_N of the actor, in eval mode (no dropout) as the samples were drawn (a forward; with
@@ -73,7 +76,7 @@ class Models:
         was = self.actor.training
         self.actor.eval()
         try:
-            return self._forward(lambda b: action_logprobs(self.actor, b, cfg.temperature)[0], sequences, prompt_lens, cfg)
+            return self._forward(self.actor, lambda b: action_logprobs(self.actor, b, cfg.temperature)[0], sequences, prompt_lens, cfg)
         finally:
             self.actor.train(was)
 
@@ -81,13 +84,13 @@ class Models:
         """logp_N of the frozen reference; None without one."""
         if self.ref is None:
             return None
-        return self._forward(lambda b: action_logprobs(self.ref, b, cfg.temperature)[0], sequences, prompt_lens, cfg)
+        return self._forward(self.ref, lambda b: action_logprobs(self.ref, b, cfg.temperature)[0], sequences, prompt_lens, cfg)
 
     def values(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor | None:
         """values_N of the critic; None without one."""
         if self.critic is None:
             return None
-        return self._forward(lambda b: action_values(self.critic, b), sequences, prompt_lens, cfg)
+        return self._forward(self.critic, lambda b: action_values(self.critic, b), sequences, prompt_lens, cfg)
 
 
 def rollout_logprobs(generator: Any, sequences: list[list[int]], prompt_lens: list[int]) -> torch.Tensor | None:
@@ -118,12 +121,12 @@ def sample(models: Models, prompts: PromptSet, idx: Sequence[int], n: int, param
 
 @torch.no_grad()
 def forward_all(fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], prompt_lens: list[int],
-                pad_id: int, micro: int, packed: bool) -> torch.Tensor:
-    """Concatenate fn(batch) -> per-action values over micro-batches: [N] in row-major order."""
+                pad_id: int, micro: int, packed: bool, device: torch.device | None = None) -> torch.Tensor:
+    """Concatenate fn(batch on `device`) -> per-action values over micro-batches: [N] in row-major order, on the CPU."""
     out = []
     for i in range(0, len(sequences), micro):
         b = response_batch(sequences[i:i + micro], prompt_lens[i:i + micro], pad_id, packed)
-        out.append(fn(b).float().cpu())
+        out.append(fn(b if device is None else b.to(device)).float().cpu())
     return torch.cat(out)
 
 

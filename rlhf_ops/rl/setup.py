@@ -106,12 +106,13 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 def reward_model_scores(reward_model: torch.nn.Module, cfg: Any, pad_id: int, seqs: list[list[int]]) -> torch.Tensor:
     """[B] sequence scores of a reward model over --micro_rollout_batch_size chunks (normalised with
     --normalize_reward by the mean/std its config stores)."""
+    from rlhf_ops.distributed.device import param_device
     from rlhf_ops.models.reward import sequence_rewards, token_values
 
     parts = []
     for i in range(0, len(seqs), cfg.micro_rollout_batch_size):
         chunk = seqs[i:i + cfg.micro_rollout_batch_size]
-        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples)
+        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples).to(param_device(reward_model))
         parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
     rm = torch.cat(parts)
     if cfg.normalize_reward:
@@ -166,7 +167,9 @@ def load_models(cfg: RLConfig, tokenizer: Any, roles: list[str], steps: int) -> 
     """The models of `roles` in this process's group: actor and critic as engines, ref and reward frozen.
 
     Trained models load ZeRO-3-partitioned (their engines gather); the frozen reference and reward models are
-    never wrapped in an engine, so they load whole (ds_config None): a partitioned one has empty weights."""
+    never wrapped in an engine, so they load whole (ds_config None): a partitioned one has empty weights. They go
+    to the accelerator, or with --ref_reward_offload (train_ppo_ray) stay in host memory between uses."""
+    from rlhf_ops.distributed.device import accelerator
     from rlhf_ops.distributed.engine import create_engine, ds_config, init_distributed
     from rlhf_ops.models.loading import load_causal_lm
     from rlhf_ops.models.lora import apply_lora
@@ -178,12 +181,13 @@ def load_models(cfg: RLConfig, tokenizer: Any, roles: list[str], steps: int) -> 
     vm = lambda path, c=conf: load_value_model(path, value_head_prefix=cfg.value_head_prefix, bf16=cfg.bf16,  # noqa: E731
                                                flash_attn=cfg.flash_attn, ds_config=c, pad_token_id=tokenizer.pad_token_id)
     out: dict[str, Any] = {}
+    frozen = lambda m: _frozen(m).to("cpu" if getattr(cfg, "ref_reward_offload", False) else accelerator())  # noqa: E731
     if "actor" in roles:
         out["actor"] = create_engine(apply_lora(lm(cfg.pretrain), cfg), cfg, steps, lr=cfg.actor_learning_rate)
     if "ref" in roles:
-        out["ref"] = _frozen(lm(cfg.pretrain, None))
+        out["ref"] = frozen(lm(cfg.pretrain, None))
     if "reward" in roles:
-        out["reward"] = _frozen(vm(cfg.reward_pretrain, None))
+        out["reward"] = frozen(vm(cfg.reward_pretrain, None))
     if "critic" in roles:
         out["critic"] = create_engine(vm(cfg.critic_pretrain or cfg.reward_pretrain or cfg.pretrain), cfg, steps,
                                       lr=cfg.critic_learning_rate)

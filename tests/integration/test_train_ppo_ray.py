@@ -253,3 +253,30 @@ def test_recorded_rollout_logprobs_on_two_actor_ranks_train_like_the_forward(ray
     moved = max((a[k] - weights(model_dir)[k]).abs().max().item() for k in a)
     gap = max((a[k] - b[k]).abs().max().item() for k in a)
     assert a.keys() == b.keys() and moved > 1e-3 and gap < moved / 100, (gap, moved)
+
+
+def test_a_dead_or_failing_vllm_engine_actor_is_named(ray_cluster):
+    """RayEngines reports which engine died, or which failed and with what (no vLLM needed: stand-in actors)."""
+    from rlhf_ops.generation.vllm_engine import VLLMError
+    from rlhf_ops.ray_rl.engines import RayEngines
+    from rlhf_ops.ray_rl.group import RoleDied
+
+    class StandIn:
+        def ok(self):
+            return 1
+
+        def die(self):
+            os._exit(1)
+
+        def fail(self):
+            raise VLLMError("vLLM server exited (code 1)")
+
+    actors = [ray_cluster.remote(num_cpus=0)(StandIn).remote() for _ in range(2)]
+    engines = object.__new__(RayEngines)  # only its error handling, without starting engines
+    assert engines._get([actors[0].ok.remote(), actors[1].ok.remote()], "generate") == [1, 1]
+    with pytest.raises(VLLMError, match=r"^vLLM engine 1, receive: vLLM server exited \(code 1\)"):
+        engines._get([actors[0].ok.remote(), actors[1].fail.remote()], "receive")
+    with pytest.raises(RoleDied, match=r"^vLLM engine 1 died during generate: "):
+        engines._get([actors[0].ok.remote(), actors[1].die.remote()], "generate")
+    for a in actors:
+        ray_cluster.kill(a)

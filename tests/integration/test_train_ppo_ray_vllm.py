@@ -7,8 +7,9 @@ vLLM engine logs the same per-step rewards and response lengths as the run sampl
 actor itself. An engine that missed a sync would generate the old policy's completions. With
 --async_train and two engines (each sampling half of every rollout), the engines sample rollout
 k+1 during update k; the run then equals a local `train_ppo --async_train` run (same one-update
-lag) and differs from the synchronous one. Both runs sync over gloo: the first asks for it, the
-second keeps the reference's default `nccl`, which becomes gloo on a machine without GPUs.
+lag) and differs from the synchronous one. The engines are Ray actors with bundles of their own.
+The first run syncs through Ray's object store (--vllm_sync_with_ray); the second keeps the
+reference's default `nccl`, which becomes a gloo broadcast from actor rank 0 on a machine without GPUs.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_mode
             "lr_warmup_ratio": 0.0, "seed": 3, "logging_steps": 1}
     hf = run({**base, "save_path": tmp_path / "hf" / "model", "ckpt_path": tmp_path / "hf" / "ckpt"})
     vl = run({**base, "save_path": tmp_path / "vllm" / "model", "ckpt_path": tmp_path / "vllm" / "ckpt",
-              "vllm_num_engines": 1, "vllm_sync_backend": "gloo"})
+              "vllm_num_engines": 1, "vllm_sync_with_ray": True})
     assert len(hf) == len(vl) == 3
     # the actor's greedy completions did change over the run, so an unsynced engine would show
     tok = load_tokenizer(str(tiny_model_dir))
@@ -76,7 +77,7 @@ def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_mode
     la = [json.loads(x) for x in (tmp_path / "local_async" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     la = [r for r in la if r["split"] == "train"]
     va = run({**base, "save_path": tmp_path / "vllm_async" / "model", "ckpt_path": tmp_path / "vllm_async" / "ckpt",
-              "vllm_num_engines": 2, "async_train": True})
+              "vllm_num_engines": 2, "async_train": True, "ray_cpus_per_rank": 0.5})  # 3 bundles on 2 cores
     assert len(la) == len(va) == 3
     for a, b in zip(la, va):
         assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)

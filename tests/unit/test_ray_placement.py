@@ -137,10 +137,24 @@ def test_token_mean_scales_over_all_ranks_give_one_process_gradient():
 
 
 def test_engines_get_disjoint_contiguous_cpu_shares():
-    from rlhf_ops.ray_rl.driver import engine_cpu_binds
+    from rlhf_ops.ray_rl.engines import binds_per_node, engine_cpu_binds
 
     assert engine_cpu_binds(2, {0, 1}) == ["0-0", "1-1"]
     assert engine_cpu_binds(2, [4, 5, 6, 7, 0, 1, 2, 3]) == ["0-3", "4-7"]
     assert engine_cpu_binds(3, range(8)) == ["0-1", "2-3", "4-5"]  # the spare cores stay unbound
     assert engine_cpu_binds(1, range(8)) == [None]  # one engine: vLLM's default
     assert engine_cpu_binds(4, [0, 1]) == [None] * 4  # fewer cores than engines: no binding at all
+    # engines on different nodes split their own node's cores, not one another's
+    where = [("a", range(8)), ("b", [0, 1, 2, 3]), ("a", range(8)), ("b", [0, 1, 2, 3]), ("c", range(4))]
+    assert binds_per_node(where) == ["0-3", "0-1", "4-7", "2-3", None]
+
+
+def test_engines_get_bundles_after_the_groups_and_count_in_the_fit():
+    groups = [GroupSpec("actor", ("actor",), 1, 2)]
+    assert bundles(groups, gpu=True, cpus_per_rank=1, engines=2) == [{"GPU": 1.0, "CPU": 1}] * 4
+    assert describe(groups, 2) == "actor (1 nodes x 2), 2 vLLM engines"
+    check_fits(groups, True, 1.0, {"GPU": 4.0, "CPU": 4.0}, engines=2)
+    with pytest.raises(PlacementError, match=r"^asked for 4 GPUs for actor \(1 nodes x 2\), 2 vLLM engines, the cluster has 3$"):
+        check_fits(groups, True, 1.0, {"GPU": 3.0, "CPU": 8.0}, engines=2)
+    with pytest.raises(PlacementError, match=r"asked for 3 ranks x 1 CPU = 3 CPUs .*1 vLLM engine, the cluster has 2 CPUs"):
+        check_fits(groups, False, 1.0, {"CPU": 2.0}, engines=1)

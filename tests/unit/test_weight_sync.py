@@ -48,10 +48,34 @@ def test_every_engine_receives_every_tensor_with_its_name_dtype_and_shape():
                 assert torch.equal(t, want[name]), name
 
 
+def test_what_ray_carries_unpacks_to_the_same_broadcast():
+    """--vllm_sync_with_ray: rank 0's packed buffers as uint8 arrays (read-only, as Ray hands them over) give
+    the engine's sender the same tensors to broadcast."""
+    from rlhf_ops.generation.weight_sync import from_bytes, pack, to_bytes
+
+    sd = {"a.weight": torch.randn(3, 4), "b.weight": torch.randn(5).to(torch.bfloat16), "c.bias": torch.randn(2)}
+    header, flats = pack(sd)
+    arrays = to_bytes(flats)
+    for a in arrays:
+        a.setflags(write=False)
+    sender = WeightSender("127.0.0.1", 0, world=2)
+    out: dict = {}
+    thread = _receive_in_thread("127.0.0.1", sender.port, 1, 2, 1, out)
+    sender.connect()
+    sender.send_packed(header, from_bytes(header, arrays))
+    thread.join(timeout=60)
+    assert not isinstance(out[1], BaseException), out[1]
+    got = dict(out[1][0])
+    assert list(got) == list(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
 def test_backend_choice():
     assert sync_backend("gloo", on_gpu=False) == sync_backend("gloo", on_gpu=True) == "gloo"
     assert sync_backend("nccl", on_gpu=False) == "gloo"   # no CUDA: the same broadcast over gloo
-    assert sync_backend("nccl", on_gpu=True) == "file"    # NCCL sync is not built: the file path, with a warning
+    assert sync_backend("nccl", on_gpu=True) == "ray"     # NCCL sync is not built: Ray's object store, with a warning
+    assert sync_backend("gloo", on_gpu=False, with_ray=True) == sync_backend("nccl", True, True) == "ray"
     with pytest.raises(ValueError):
         from rlhf_ops.generation.vllm_engine import VLLMGenerator
         VLLMGenerator("/nonexistent", None, sync_backend="nccl")
