@@ -139,8 +139,16 @@ class HFGenerator:
         extra = {"logits_processor": [record]} if record is not None else {}
         return hf.generate(input_ids=ids, attention_mask=att, do_sample=sample,
                            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-                           top_k=0 if sample else None, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
-                           eos_token_id=eos, use_cache=True, **extra)
+                           max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True,
+                           **NEUTRAL, **(NEUTRAL_WARPERS if sample else {}), **extra)
+
+
+# What a checkpoint's generation_config may set that would reshape softmax(logits / T), at the values that
+# leave it alone: `generate` fills every argument left None from the checkpoint, and the RL loss scores the plain
+# distribution, so rollouts shaped by a repetition penalty (Qwen's 1.05) or top_k (50) would be off-policy.
+# The warpers only act when sampling (and transformers warns when they are set for greedy decoding).
+NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+NEUTRAL_WARPERS = dict(top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
 
 
 @functools.lru_cache(maxsize=None)

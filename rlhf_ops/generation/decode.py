@@ -18,7 +18,8 @@ The distribution is the one `generate` samples from (softmax(logits / T), nucleu
 top_p; T == 0 is greedy), and the recorded log-probs are log softmax(logits / T) of the drawn
 tokens, as `HFGenerator` records them. A checkpoint's generation_config.json (a repetition
 penalty, top_k) is not applied, on purpose: the RL loss scores softmax(logits / T), so sampling
-from anything else would make the rollouts off-policy (`generate` does apply it). The samples themselves differ from `generate`'s, which
+from anything else would make the rollouts off-policy (`HFGenerator` neutralises it on the
+`generate` path too: `base.NEUTRAL`). The samples themselves differ from `generate`'s, which
 draws with `torch.multinomial`. Models this does not cover (other architectures, LoRA-wrapped
 or quantized layers, a user's forward hook on a submodule, a sliding window shorter than the
 sequence, a GPU) go to `generate`:

@@ -79,7 +79,8 @@ class VLLMGenerator:
     `enforce_eager`, `enable_prefix_caching`, `max_model_len`, `seed`, `dtype` go to `vllm.LLM`
     (fp32 by default, so greedy completions match the fp32 training model's token for token);
     `kv_cache_gb` sets VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1); `omp_threads_bind` sets
-    VLLM_CPU_OMP_THREADS_BIND (give each engine its own cores when several share a machine).
+    VLLM_CPU_OMP_THREADS_BIND (give each engine its own cores when several share a machine; with
+    `tensor_parallel_size` N > 1, N "|"-separated ranges, one per TP worker process).
     `sync_backend`: "gloo" or "file" (module docstring).
     `micro_batch_size` only defines the chunks of `generate(..., chunks=...)`; the engine batches
     a whole call itself. The server's log goes to `log_path` (default: a temp file, removed by
@@ -90,7 +91,8 @@ class VLLMGenerator:
                  dtype: str = "float32", enforce_eager: bool = True, enable_prefix_caching: bool = True,
                  kv_cache_gb: float = 1.0, max_model_len: int | None = None, seed: int = 0,
                  micro_batch_size: int = 16, omp_threads_bind: str | None = None, start_timeout: float = 900,
-                 request_timeout: float = 1800, log_path: str | os.PathLike | None = None, sync_backend: str = "gloo"):
+                 request_timeout: float = 1800, log_path: str | os.PathLike | None = None, sync_backend: str = "gloo",
+                 tensor_parallel_size: int = 1):
         if sync_backend not in ("gloo", "file"):
             raise ValueError(f"sync_backend must be 'gloo' or 'file', got {sync_backend!r}")
         self.tokenizer, self.micro_batch_size, self.sync_backend = tokenizer, micro_batch_size, sync_backend
@@ -110,6 +112,7 @@ class VLLMGenerator:
         argv += ["--enable_prefix_caching"] if enable_prefix_caching else []
         argv += ["--max_model_len", str(max_model_len)] if max_model_len else []
         argv += ["--omp_threads_bind", omp_threads_bind] if omp_threads_bind else []
+        argv += ["--tensor_parallel_size", str(tensor_parallel_size)] if tensor_parallel_size > 1 else []
         env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                    VLLM_CPU_KVCACHE_SPACE=str(max(1, int(round(kv_cache_gb)))))
         # the project's interpreter state must not leak into the other venv's python

@@ -8,7 +8,9 @@ once started, vllm (which brings torch and safetensors). `vllm_engine.VLLMGenera
 
 The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the "uni" executor): on a small
 CPU machine that is the fastest layout and keeps the model in this one process, so a weight reload
-needs no serialisation. The tokenizer is never loaded (`skip_tokenizer_init`): prompts and
+needs no serialisation. With `--tensor_parallel_size N` > 1 the engine core stays in this process
+and vLLM's "mp" executor starts N worker processes, each holding a shard; a received broadcast
+then reaches them through `collective_rpc` (pickled once per worker), and each loads its shard. The tokenizer is never loaded (`skip_tokenizer_init`): prompts and
 completions travel as token ids, and the client says which token ends a completion.
 
 Protocol: one JSON object per line each way. After start-up the server writes
@@ -53,7 +55,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv_cache_gb", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--enforce_eager", action="store_true")
     p.add_argument("--enable_prefix_caching", action="store_true")
-    p.add_argument("--omp_threads_bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (e.g. 'all' or '0-1')")
+    p.add_argument("--omp_threads_bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (e.g. 'all', '0-1', '0-1|2-3' per TP rank)")
+    p.add_argument("--tensor_parallel_size", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -103,9 +106,10 @@ class Engine:
     def __init__(self, args: argparse.Namespace):
         from vllm import LLM
 
+        self.tp = args.tensor_parallel_size
         kwargs = dict(model=args.model, dtype=args.dtype, seed=args.seed, skip_tokenizer_init=True,
                       enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching,
-                      distributed_executor_backend="uni")
+                      tensor_parallel_size=self.tp, distributed_executor_backend="uni" if self.tp == 1 else "mp")
         if args.max_model_len:
             kwargs["max_model_len"] = args.max_model_len
         self.llm = LLM(**kwargs)
@@ -144,9 +148,11 @@ class Engine:
         t = time.perf_counter()
         weights = self.receiver.receive()
         t_recv = time.perf_counter() - t
-        # in-process engine ("uni" executor): the worker takes the tensors directly, no serialisation
-        worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        worker.reload_weights(weights_iterator=iter(weights))
+        if self.tp == 1:  # in-process engine ("uni" executor): the worker takes the tensors directly, no serialisation
+            worker = self.llm.llm_engine.model_executor.driver_worker.worker
+            worker.reload_weights(weights_iterator=iter(weights))
+        else:  # "mp" executor: every TP worker gets the whole list and loads its shard
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         return {"receive_s": t_recv, "engine_reload_s": time.perf_counter() - t - t_recv}
 

@@ -1,9 +1,10 @@
 """vLLM engines as Ray actors placed with the role groups (`train_ppo_ray --vllm_num_engines N`).
 
 Each engine is an `EngineActor` on its own bundle of the run's placement group (after the role
-groups' bundles: `placement.bundles`). The actor starts `VLLMGenerator`, whose vLLM process
-therefore runs on the actor's node with the actor's GPU (Ray's CUDA_VISIBLE_DEVICES is inherited)
-or, on a machine without GPUs, its share of the node's cores (`engine_cpu_binds`, per node). Every
+groups' bundles: `placement.bundles`), sized for --vllm_tensor_parallel_size worker processes. The
+actor starts `VLLMGenerator`, whose vLLM process (and its TP workers) therefore runs on the actor's
+node with the actor's GPUs (Ray's CUDA_VISIBLE_DEVICES is inherited) or, on a machine without
+GPUs, its share of the node's cores (`engine_cpu_binds`, per node, one range per TP worker). Every
 node that holds an engine needs the engine's interpreter (`.venv-vllm`, or $RLHF_VLLM_PYTHON,
 which is passed on to the actors).
 
@@ -31,23 +32,25 @@ from rlhf_ops.ray_rl.group import RoleDied, RoleGroup, shares, worker_env
 logger = logging.getLogger(__name__)
 
 
-def engine_cpu_binds(n: int, cores: Sequence[int]) -> list[str | None]:
-    """VLLM_CPU_OMP_THREADS_BIND for n engines on one node: `cores` cut into n contiguous shares
-    ("0-3", "4-7"), so they do not all pin themselves to CPU 0. With fewer cores than engines, or
-    one engine, None (vLLM's own default)."""
+def engine_cpu_binds(n: int, cores: Sequence[int], tp: int = 1) -> list[str | None]:
+    """VLLM_CPU_OMP_THREADS_BIND for n engines of `tp` worker processes on one node: `cores` cut into
+    n x tp contiguous shares, so they do not all pin themselves to CPU 0; an engine's TP workers get
+    "|"-separated ranges ("0-1|2-3"). With fewer cores than processes, or a single process, None
+    (vLLM's own default)."""
     cores = sorted(cores)
-    if n <= 1 or len(cores) < n:
+    if n * tp <= 1 or len(cores) < n * tp:
         return [None] * n
-    per = len(cores) // n
-    return [f"{cores[e * per]}-{cores[(e + 1) * per - 1]}" for e in range(n)]
+    per = len(cores) // (n * tp)
+    share = lambda i: f"{cores[i * per]}-{cores[(i + 1) * per - 1]}"  # noqa: E731
+    return ["|".join(share(e * tp + w) for w in range(tp)) for e in range(n)]
 
 
-def binds_per_node(nodes: Sequence[tuple[str, Sequence[int]]]) -> list[str | None]:
+def binds_per_node(nodes: Sequence[tuple[str, Sequence[int]]], tp: int = 1) -> list[str | None]:
     """Engine e's bind, given each engine's (node id, usable cores): the engines of a node share its cores."""
     out: list[str | None] = [None] * len(nodes)
     for node in dict.fromkeys(n for n, _ in nodes):
         mine = [e for e, (n, _) in enumerate(nodes) if n == node]
-        for e, bind in zip(mine, engine_cpu_binds(len(mine), nodes[mine[0]][1])):
+        for e, bind in zip(mine, engine_cpu_binds(len(mine), nodes[mine[0]][1], tp)):
             out[e] = bind
     return out
 
@@ -110,8 +113,8 @@ class RayEngines:
         env = worker_env(gpu, cfg.ray_cpus_per_rank)
         if os.environ.get("RLHF_VLLM_PYTHON"):
             env["RLHF_VLLM_PYTHON"] = os.environ["RLHF_VLLM_PYTHON"]
-        cls = ray.remote(EngineActor)
-        self.actors = [cls.options(num_cpus=cfg.ray_cpus_per_rank, num_gpus=1 if gpu else 0, runtime_env={"env_vars": env},
+        cls, tp = ray.remote(EngineActor), cfg.vllm_tensor_parallel_size
+        self.actors = [cls.options(num_cpus=cfg.ray_cpus_per_rank * tp, num_gpus=tp if gpu else 0, runtime_env={"env_vars": env},
                                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + e))
                        .remote() for e in range(cfg.vllm_num_engines)]
         try:
@@ -124,9 +127,9 @@ class RayEngines:
         """Engines on different nodes start at once, engines sharing a node one after another (on a small
         machine concurrent start-ups only contend)."""
         where = self._get([a.where.remote() for a in self.actors], "start")
-        binds = binds_per_node(where)
+        binds = binds_per_node(where, cfg.vllm_tensor_parallel_size)
         kw = dict(enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
-                  micro_batch_size=self.micro, sync_backend="gloo")
+                  micro_batch_size=self.micro, sync_backend="gloo", tensor_parallel_size=cfg.vllm_tensor_parallel_size)
         per_node = {n: [e for e, (m, _) in enumerate(where) if m == n] for n, _ in where}
         start_s = [0.0] * len(self.actors)
         for wave in range(max(len(v) for v in per_node.values())):
@@ -135,8 +138,8 @@ class RayEngines:
                               for e in es], "start", es)
             for e, s in zip(es, secs):
                 start_s[e] = s
-        logger.info("%d vLLM engine(s) started as Ray actors on %d node(s) in %s s (CPU binds %s; weights sync over %s)",
-                    len(self.actors), len(per_node), ", ".join(f"{s:.1f}" for s in start_s), binds, self.backend)
+        logger.info("%d vLLM engine(s) of TP %d started as Ray actors on %d node(s) in %s s (CPU binds %s; weights sync "
+                    "over %s)", len(self.actors), cfg.vllm_tensor_parallel_size, len(per_node), ", ".join(f"{s:.1f}" for s in start_s), binds, self.backend)
 
     def _get(self, refs: list, method: str, engines: Sequence[int] | None = None) -> list:
         """ray.get, with a dead engine named; an error raised inside an engine is re-raised as itself."""

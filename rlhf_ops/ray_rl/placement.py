@@ -10,8 +10,9 @@ group; colocated roles live in the same processes, so they share bundles, as the
 On a cluster with GPUs a bundle is {GPU: 1, CPU: --ray_cpus_per_rank}. On a cluster without GPUs
 each "GPU" of the `--<role>_num_gpus_per_node` options becomes one CPU process, a bundle
 {CPU: --ray_cpus_per_rank}: a fraction (0.5) lets a 2-core CI machine place 3-4 tiny ranks,
-at the price of oversubscribed cores. Each vLLM engine (--vllm_num_engines) gets one more bundle of
-the same shape, after the groups' (`ray_rl.engines`; tensor parallelism is not built). Bundles are packed (strategy PACK): `num_nodes` counts
+at the price of oversubscribed cores. Each vLLM engine (--vllm_num_engines) gets one more bundle,
+after the groups', as large as --vllm_tensor_parallel_size ranks ({GPU: tp, CPU: tp x cpus}): its
+TP workers share one node (`ray_rl.engines`). Bundles are packed (strategy PACK): `num_nodes` counts
 ranks here, it does not pin them to distinct machines.
 
 The arithmetic (`plan_groups`, `bundles`, `check_fits`) is pure and tested without Ray.
@@ -55,49 +56,52 @@ def plan_groups(cfg: Any) -> list[GroupSpec]:
     return [GroupSpec(n, tuple(r for r in need if owner[r] == n), *layout(n)) for n in names]
 
 
-def bundles(groups: list[GroupSpec], gpu: bool, cpus_per_rank: float, engines: int = 0) -> list[dict[str, float]]:
+def bundles(groups: list[GroupSpec], gpu: bool, cpus_per_rank: float, engines: int = 0, tp: int = 1) -> list[dict[str, float]]:
     """One bundle per rank, groups in order (group i's ranks start at the sum of the earlier groups' ranks),
-    then one per vLLM engine."""
-    one = {"GPU": 1.0, "CPU": cpus_per_rank} if gpu else {"CPU": cpus_per_rank}
-    return [dict(one) for _ in range(sum(g.ranks for g in groups) + engines)]
+    then one per vLLM engine of `tp` ranks."""
+    def size(n: int) -> dict[str, float]:
+        return {"GPU": float(n), "CPU": cpus_per_rank * n} if gpu else {"CPU": cpus_per_rank * n}
+    return [size(1) for _ in range(sum(g.ranks for g in groups))] + [size(tp) for _ in range(engines)]
 
 
-def describe(groups: list[GroupSpec], engines: int = 0) -> str:
-    """"actor+ref (1 nodes x 2), critic+reward (1 nodes x 1), 2 vLLM engines": each group, the roles it holds,
-    its layout; then the engines."""
+def describe(groups: list[GroupSpec], engines: int = 0, tp: int = 1) -> str:
+    """"actor+ref (1 nodes x 2), critic+reward (1 nodes x 1), 2 vLLM engines x TP 2": each group, the roles it
+    holds, its layout; then the engines."""
     parts = ["+".join([g.name, *(r for r in g.roles if r != g.name)]) + f" ({g.num_nodes} nodes x {g.gpus_per_node})"
              for g in groups]
-    return ", ".join(parts + ([f"{engines} vLLM engine{'s' * (engines > 1)}"] if engines else []))
+    if engines:
+        parts.append(f"{engines} vLLM engine{'s' * (engines > 1)}" + (f" x TP {tp}" if tp > 1 else ""))
+    return ", ".join(parts)
 
 
 def check_fits(groups: list[GroupSpec], gpu: bool, cpus_per_rank: float, cluster: dict[str, float],
-               engines: int = 0) -> None:
+               engines: int = 0, tp: int = 1) -> None:
     """Raise PlacementError with the numbers when the cluster's total resources cannot hold the bundles."""
-    ranks = sum(g.ranks for g in groups) + engines
+    ranks = sum(g.ranks for g in groups) + engines * tp
     has_gpu, has_cpu = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
     if gpu and ranks > has_gpu:
-        raise PlacementError(f"asked for {ranks} GPUs for {describe(groups, engines)}, the cluster has {has_gpu:g}")
+        raise PlacementError(f"asked for {ranks} GPUs for {describe(groups, engines, tp)}, the cluster has {has_gpu:g}")
     need_cpu = ranks * cpus_per_rank
     if need_cpu > has_cpu + 1e-9:
         where = "" if gpu else " (no GPUs in the cluster: each GPU is one CPU process)"
         raise PlacementError(f"asked for {ranks} ranks x {cpus_per_rank:g} CPU = {need_cpu:g} CPUs{where} for "
-                             f"{describe(groups, engines)}, the cluster has {has_cpu:g} CPUs; lower the ranks or "
+                             f"{describe(groups, engines, tp)}, the cluster has {has_cpu:g} CPUs; lower the ranks or "
                              "--ray_cpus_per_rank")
 
 
-def place(groups: list[GroupSpec], cpus_per_rank: float, timeout: float, engines: int = 0) -> tuple[Any, bool]:
+def place(groups: list[GroupSpec], cpus_per_rank: float, timeout: float, engines: int = 0, tp: int = 1) -> tuple[Any, bool]:
     """Check, create and wait for the placement group: (placement group, gpu mode). Fails fast, never hangs."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     cluster = ray.cluster_resources()
     gpu = cluster.get("GPU", 0.0) > 0
-    check_fits(groups, gpu, cpus_per_rank, cluster, engines)
-    pg = placement_group(bundles(groups, gpu, cpus_per_rank, engines), strategy="PACK")
+    check_fits(groups, gpu, cpus_per_rank, cluster, engines, tp)
+    pg = placement_group(bundles(groups, gpu, cpus_per_rank, engines, tp), strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        raise PlacementError(f"the placement group for {describe(groups, engines)} was not ready after {timeout:g} s "
+        raise PlacementError(f"the placement group for {describe(groups, engines, tp)} was not ready after {timeout:g} s "
                              f"(--placement_timeout); available now: {ray.available_resources()}") from None
     return pg, gpu

@@ -51,8 +51,9 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
     prompts = build_prompts(cfg, tok, cfg.prompt_data, cfg.prompt_split, cfg.prompt_data_probs)
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     specs = plan_groups(cfg)
-    pg, gpu = place(specs, cfg.ray_cpus_per_rank, cfg.placement_timeout, cfg.vllm_num_engines)
-    logger.info("placed %s on %s", describe(specs, cfg.vllm_num_engines), "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
+    engines = (cfg.vllm_num_engines, cfg.vllm_tensor_parallel_size)
+    pg, gpu = place(specs, cfg.ray_cpus_per_rank, cfg.placement_timeout, *engines)
+    logger.info("placed %s on %s", describe(specs, *engines), "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
     groups, first = {}, 0
     try:
         for spec in specs:

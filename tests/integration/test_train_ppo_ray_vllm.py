@@ -8,7 +8,8 @@ actor itself. An engine that missed a sync would generate the old policy's compl
 --async_train and two engines (each sampling half of every rollout), the engines sample rollout
 k+1 during update k; the run then equals a local `train_ppo --async_train` run (same one-update
 lag) and differs from the synchronous one. The engines are Ray actors with bundles of their own.
-The first run syncs through Ray's object store (--vllm_sync_with_ray); the second keeps the
+The first run's engine has two tensor-parallel workers and syncs through Ray's object store
+(--vllm_sync_with_ray); the second's engines have one each and keep the
 reference's default `nccl`, which becomes a gloo broadcast from actor rank 0 on a machine without GPUs.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_mode
             "lr_warmup_ratio": 0.0, "seed": 3, "logging_steps": 1}
     hf = run({**base, "save_path": tmp_path / "hf" / "model", "ckpt_path": tmp_path / "hf" / "ckpt"})
     vl = run({**base, "save_path": tmp_path / "vllm" / "model", "ckpt_path": tmp_path / "vllm" / "ckpt",
-              "vllm_num_engines": 1, "vllm_sync_with_ray": True})
+              "vllm_num_engines": 1, "vllm_tensor_parallel_size": 2, "vllm_sync_with_ray": True,
+              "ray_cpus_per_rank": 0.5})  # the actor's bundle and the engine's (2 x 0.5) on 2 cores
     assert len(hf) == len(vl) == 3
     # the actor's greedy completions did change over the run, so an unsynced engine would show
     tok = load_tokenizer(str(tiny_model_dir))

@@ -8,7 +8,8 @@ tests, which run in file order: the weight-sync test changes the weights the lat
 What is proven: greedy completions of the engine equal the training model's own HF greedy
 completions, before and after an actor update (one optimizer step) followed by `sync_weights`
 (over gloo, then through a file, then over the same gloo group again);
-seeded sampling is reproducible; LoRA adapters are merged into what the engine receives. Two
+seeded sampling is reproducible; LoRA adapters are merged into what the engine receives; an engine
+of two tensor-parallel worker processes generates the same and takes a sync too. Two
 tests need no vLLM: a missing venv is reported clearly, and ZeRO-3 weights are gathered.
 """
 from __future__ import annotations
@@ -197,3 +198,28 @@ def test_sync_merges_lora(engine, actor, tokenizer, prompts):
     assert want != _hf_greedy(actor, tokenizer, prompts), "the adapter should change the greedy completions"
     engine.sync_weights(model)
     assert engine.generate(prompts, GREEDY) == want
+
+
+@needs_vllm
+def test_tensor_parallel_engine_matches_hf_and_takes_a_sync(tiny_model_dir, actor, tokenizer, prompts):
+    """An engine of two TP worker processes (each one core): greedy output equals HF's for the start
+    weights, and after a sync of the (by now updated) actor, equals the actor's. The broadcast reaches
+    the workers through vLLM's collective_rpc, each loading its shard."""
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    want_after = _hf_greedy(actor, tokenizer, prompts)
+    want_before = _hf_greedy(start, tokenizer, prompts)
+    assert want_after != want_before, "the earlier tests' updates should have changed the actor's completions"
+    import os
+
+    from rlhf_ops.ray_rl.engines import engine_cpu_binds
+
+    bind = engine_cpu_binds(1, os.sched_getaffinity(0), tp=2)[0]  # "0-0|1-1" on two cores
+    with VLLMGenerator(tiny_model_dir, tokenizer, enforce_eager=True, kv_cache_gb=1, tensor_parallel_size=2,
+                       omp_threads_bind=bind) as tp:
+        TIMES["tp2_engine_start_s"] = tp.start_s
+        assert tp.generate(prompts, GREEDY) == want_before
+        tp.sync_weights(actor)
+        TIMES["tp2_sync_s"] = tp.last_sync_s
+        assert tp.generate(prompts, GREEDY) == want_after

@@ -182,3 +182,19 @@ def test_no_module_is_called(tiny_tokenizer):
         mod.register_forward_pre_hook(lambda m, args, name=name: called.append(name))
     decode.sample(model, _prompts(2, 2), 4, temperature=1.0, top_p=0.9, seed=0, eos_id=None, pad_id=PAD)
     assert called == []
+
+
+def test_generate_ignores_the_checkpoints_generation_config(tiny_tokenizer):
+    """The RL loss scores softmax(logits / T), so a checkpoint's repetition penalty, n-gram ban, top_k or min_p
+    must not shape rollouts on the `generate` path (GPUs, other architectures) either; the KV sampler never
+    reads them."""
+    model = _llama(tiny_tokenizer)
+    prompts, eos = _prompts(4, 1), tiny_tokenizer.eos_token_id
+    plain = HFGenerator(model, tiny_tokenizer, 8).generate(prompts, SamplingParams(0.0, 12))
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, top_k=1, min_p=0.9, typical_p=0.2)
+    assert _hf_generate(model, prompts, 12, eos) != plain, "the settings should change plain generate's output"
+    hf = HFGenerator(model, tiny_tokenizer, 8, kv_sampler=False)
+    assert hf.generate(prompts, SamplingParams(0.0, 12)) == plain
+    # with top_k 1 or min_p 0.9 applied, every seed would draw the same (near-argmax) tokens
+    draws = [hf.generate(prompts, SamplingParams(1.0, 12, seed=s)) for s in (1, 2)]
+    assert draws[0] != draws[1]

@@ -81,7 +81,6 @@ def test_shares_are_contiguous_balanced_and_in_order():
 @pytest.mark.parametrize("extra,expected", [
     ({"vllm_num_engines": -1}, "--vllm_num_engines: must be >= 0, got -1"),
     ({"async_train": True}, "--async_train: needs --vllm_num_engines >= 1"),
-    ({"vllm_num_engines": 1, "vllm_tensor_parallel_size": 2}, "--vllm_tensor_parallel_size: tensor parallel vLLM engines are not supported yet"),
     ({"vllm_gpu_memory_utilization": 1.5}, "--vllm_gpu_memory_utilization: must be in (0, 1]"),
     ({"vllm_tensor_parallel_size": 0}, "--vllm_tensor_parallel_size: must be >= 1"),
     ({"actor_num_nodes": 0}, "--actor_num_nodes: must be >= 1"),
@@ -147,6 +146,11 @@ def test_engines_get_disjoint_contiguous_cpu_shares():
     # engines on different nodes split their own node's cores, not one another's
     where = [("a", range(8)), ("b", [0, 1, 2, 3]), ("a", range(8)), ("b", [0, 1, 2, 3]), ("c", range(4))]
     assert binds_per_node(where) == ["0-3", "0-1", "4-7", "2-3", None]
+    # tensor parallel engines: one range per TP worker process
+    assert engine_cpu_binds(1, [0, 1], tp=2) == ["0-0|1-1"]
+    assert engine_cpu_binds(2, range(8), tp=2) == ["0-1|2-3", "4-5|6-7"]
+    assert engine_cpu_binds(2, range(3), tp=2) == [None, None]
+    assert binds_per_node([("a", range(4)), ("b", range(2))], tp=2) == ["0-1|2-3", "0-0|1-1"]
 
 
 def test_engines_get_bundles_after_the_groups_and_count_in_the_fit():
@@ -158,3 +162,8 @@ def test_engines_get_bundles_after_the_groups_and_count_in_the_fit():
         check_fits(groups, True, 1.0, {"GPU": 3.0, "CPU": 8.0}, engines=2)
     with pytest.raises(PlacementError, match=r"asked for 3 ranks x 1 CPU = 3 CPUs .*1 vLLM engine, the cluster has 2 CPUs"):
         check_fits(groups, False, 1.0, {"CPU": 2.0}, engines=1)
+    # an engine of TP 2: one bundle of two GPUs (its workers share a node), counted twice in the fit
+    assert bundles(groups, gpu=True, cpus_per_rank=1, engines=1, tp=2)[-1] == {"GPU": 2.0, "CPU": 2}
+    assert bundles(groups, gpu=False, cpus_per_rank=0.5, engines=2, tp=2)[2:] == [{"CPU": 1.0}] * 2
+    with pytest.raises(PlacementError, match=r"^asked for 6 GPUs for actor \(1 nodes x 2\), 2 vLLM engines x TP 2, "):
+        check_fits(groups, True, 1.0, {"GPU": 5.0, "CPU": 8.0}, engines=2, tp=2)
