@@ -81,6 +81,8 @@ class VLLMGenerator:
     `kv_cache_gb` sets VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1); `omp_threads_bind` sets
     VLLM_CPU_OMP_THREADS_BIND (give each engine its own cores when several share a machine; with
     `tensor_parallel_size` N > 1, N "|"-separated ranges, one per TP worker process).
+    `gpu_memory_utilization` and `enable_sleep_mode` (then the "sleep" and "wake_up" requests) go to
+    `vllm.LLM` on GPUs; vLLM's CPU build has no sleep mode.
     `sync_backend`: "gloo" or "file" (module docstring).
     `micro_batch_size` only defines the chunks of `generate(..., chunks=...)`; the engine batches
     a whole call itself. The server's log goes to `log_path` (default: a temp file, removed by
@@ -92,7 +94,8 @@ class VLLMGenerator:
                  kv_cache_gb: float = 1.0, max_model_len: int | None = None, seed: int = 0,
                  micro_batch_size: int = 16, omp_threads_bind: str | None = None, start_timeout: float = 900,
                  request_timeout: float = 1800, log_path: str | os.PathLike | None = None, sync_backend: str = "gloo",
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 enable_sleep_mode: bool = False):
         if sync_backend not in ("gloo", "file"):
             raise ValueError(f"sync_backend must be 'gloo' or 'file', got {sync_backend!r}")
         self.tokenizer, self.micro_batch_size, self.sync_backend = tokenizer, micro_batch_size, sync_backend
@@ -113,6 +116,8 @@ class VLLMGenerator:
         argv += ["--max_model_len", str(max_model_len)] if max_model_len else []
         argv += ["--omp_threads_bind", omp_threads_bind] if omp_threads_bind else []
         argv += ["--tensor_parallel_size", str(tensor_parallel_size)] if tensor_parallel_size > 1 else []
+        argv += ["--gpu_memory_utilization", str(gpu_memory_utilization)] if gpu_memory_utilization else []
+        argv += ["--enable_sleep_mode"] if enable_sleep_mode else []
         env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                    VLLM_CPU_KVCACHE_SPACE=str(max(1, int(round(kv_cache_gb)))))
         # the project's interpreter state must not leak into the other venv's python

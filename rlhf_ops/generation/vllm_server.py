@@ -22,6 +22,7 @@ Protocol: one JSON object per line each way. After start-up the server writes
   {"op": "join_sync", "host", "port", "rank", "world"}        -> {"ok": true} once the group is formed
   {"op": "receive"}: one weight broadcast over that group, then a reload
                                               -> {"ok": true, "receive_s": ..., "engine_reload_s": ...}
+  {"op": "sleep"} / {"op": "wake_up"} (with --enable_sleep_mode, GPUs only)  -> {"ok": true}
   {"op": "ping"} -> {"ok": true};  {"op": "shutdown"} -> {"ok": true}, then exit
 A failed request answers {"ok": false, "error": "<traceback>"} and the server keeps serving.
 vLLM's own logging goes to stderr: stdout carries the protocol only. When stdin closes (the
@@ -57,6 +58,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enable_prefix_caching", action="store_true")
     p.add_argument("--omp_threads_bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (e.g. 'all', '0-1', '0-1|2-3' per TP rank)")
     p.add_argument("--tensor_parallel_size", type=int, default=1)
+    p.add_argument("--gpu_memory_utilization", type=float, default=None, help="GPUs only")
+    p.add_argument("--enable_sleep_mode", action="store_true", help="GPUs only: enables the sleep / wake_up ops")
     return p.parse_args(argv)
 
 
@@ -112,6 +115,10 @@ class Engine:
                       tensor_parallel_size=self.tp, distributed_executor_backend="uni" if self.tp == 1 else "mp")
         if args.max_model_len:
             kwargs["max_model_len"] = args.max_model_len
+        if args.gpu_memory_utilization:
+            kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+        if args.enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**kwargs)
 
     def generate(self, req: dict) -> list[list[int]]:
@@ -195,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                 reply({"ok": True})
             elif op == "receive":
                 reply({"ok": True, **engine.receive()})
+            elif op == "sleep":  # weights to host memory, KV cache dropped (level 1); GPUs only
+                engine.llm.sleep(level=1)
+                reply({"ok": True})
+            elif op == "wake_up":
+                engine.llm.wake_up()
+                reply({"ok": True})
             elif op == "ping":
                 reply({"ok": True})
             elif op == "shutdown":

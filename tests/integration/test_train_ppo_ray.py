@@ -280,3 +280,17 @@ def test_a_dead_or_failing_vllm_engine_actor_is_named(ray_cluster):
         engines._get([actors[0].ok.remote(), actors[1].die.remote()], "generate")
     for a in actors:
         ray_cluster.kill(a)
+
+
+def test_vllm_sleep_on_a_cluster_without_gpus_is_refused_by_name(ray_cluster, model_dir, builtin_data_dir, tmp_path):
+    from rlhf_ops.config import ConfigError, parse_config
+    from rlhf_ops.ray_rl.run import train_ppo_ray
+    from rlhf_ops.rl.ray_config import RayPPOConfig
+
+    opts = options(model_dir, builtin_data_dir, tmp_path, advantage_estimator="reinforce", init_kl_coef=0.0,
+                   vllm_num_engines=1, vllm_enable_sleep=True)
+    cfg = parse_config(RayPPOConfig, [str(a) for a in to_argv(opts)])
+    with pytest.raises(ConfigError, match=r"^--vllm_enable_sleep: vLLM's sleep mode needs CUDA GPUs, and this Ray "
+                                          r"cluster has none$"):
+        train_ppo_ray(cfg)
+    assert not any(pg["state"] == "CREATED" for pg in ray_cluster.util.placement_group_table().values())

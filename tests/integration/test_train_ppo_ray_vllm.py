@@ -9,7 +9,8 @@ actor itself. An engine that missed a sync would generate the old policy's compl
 k+1 during update k; the run then equals a local `train_ppo --async_train` run (same one-update
 lag) and differs from the synchronous one. The engines are Ray actors with bundles of their own.
 The first run's engine has two tensor-parallel workers and syncs through Ray's object store
-(--vllm_sync_with_ray); the second's engines have one each and keep the
+(--vllm_sync_with_ray). A third run puts the engine on the actor rank's bundle (--colocate_all, the
+hybrid engine, without sleep: that is CUDA-only). The async run's engines have one worker each and keep the
 reference's default `nccl`, which becomes a gloo broadcast from actor rank 0 on a machine without GPUs.
 """
 from __future__ import annotations
@@ -64,6 +65,12 @@ def test_vllm_engine_rollouts_follow_the_actor_like_its_own_generation(tiny_mode
                for q in ("What is 3 + 4?", "What is 12 - 5?", "What is 7 * 6 + 1?", "What is 9 - 8?")]
     assert greedy(tmp_path / "hf" / "model", tok, prompts) != greedy(tiny_model_dir, tok, prompts)
     for a, b in zip(hf, vl):
+        assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
+    # the hybrid engine: the engine on the actor rank's bundle (half of it each), synced over gloo
+    hy = run({**base, "save_path": tmp_path / "hybrid" / "model", "ckpt_path": tmp_path / "hybrid" / "ckpt",
+              "vllm_num_engines": 1, "colocate_all": True})
+    assert len(hy) == 3
+    for a, b in zip(hf, hy):
         assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
 
     # --async_train over two engines: rollout k+1 is sampled by the engines (half the prompts each) while update k

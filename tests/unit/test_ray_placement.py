@@ -41,8 +41,9 @@ def test_colocation_flags_put_roles_in_the_actor_and_critic_processes(make_cfg, 
                    colocate_critic_reward=True)
     assert [(g.name, g.roles) for g in plan_groups(cfg)] == [("actor", ("actor", "ref")), ("critic", ("reward", "critic"))]
     assert describe(plan_groups(cfg)) == "actor+ref (1 nodes x 1), critic+reward (1 nodes x 1)"
-    everything = plan_groups(make_cfg(advantage_estimator="gae", reward_pretrain=str(tmp_path), colocate_all_models=True))
-    assert [(g.name, g.roles) for g in everything] == [("actor", ("actor", "ref", "reward", "critic"))]
+    for flag in ("colocate_all_models", "colocate_all"):  # the hybrid engine colocates every model too
+        everything = plan_groups(make_cfg(advantage_estimator="gae", reward_pretrain=str(tmp_path), **{flag: True}))
+        assert [(g.name, g.roles) for g in everything] == [("actor", ("actor", "ref", "reward", "critic"))]
 
 
 def test_roles_the_run_does_not_need_get_no_group(make_cfg):
@@ -83,6 +84,11 @@ def test_shares_are_contiguous_balanced_and_in_order():
     ({"async_train": True}, "--async_train: needs --vllm_num_engines >= 1"),
     ({"vllm_gpu_memory_utilization": 1.5}, "--vllm_gpu_memory_utilization: must be in (0, 1]"),
     ({"vllm_tensor_parallel_size": 0}, "--vllm_tensor_parallel_size: must be >= 1"),
+    ({"colocate_all": True, "vllm_num_engines": 2}, "--colocate_all: puts engine e on actor rank e's bundle: "
+                                                      "--vllm_num_engines 2 must equal the actor's ranks, 1"),
+    ({"colocate_all": True, "vllm_num_engines": 1, "vllm_tensor_parallel_size": 2},
+     "--colocate_all: puts each engine on one actor rank's bundle, so it needs --vllm_tensor_parallel_size 1"),
+    ({"vllm_enable_sleep": True}, "--vllm_enable_sleep: needs --vllm_num_engines >= 1"),
     ({"actor_num_nodes": 0}, "--actor_num_nodes: must be >= 1"),
     ({"colocate_actor_ref": True, "actor_num_gpus_per_node": 2},
      "--colocate_actor_ref: colocated roles need the same layout: actor is 1 nodes x 2 GPUs, ref is 1 nodes x 1 GPUs"),
