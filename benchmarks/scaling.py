@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import struct
@@ -38,7 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scaling_report import PACK_CHECK, model_state_bytes, report  # noqa: E402  (benchmarks/ is on sys.path)
+from scaling_common import PACK_CHECK, model_state_bytes  # noqa: E402  (benchmarks/ is on sys.path)
+from provenance import code_hash, git_head, machine, wait_for_load  # noqa: E402
+from scaling_report import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -275,50 +276,8 @@ def part_zero(work: Path, data: Path, models: dict[int, Path], a) -> tuple[dict,
 
 
 # ------------------------------------------------------------------------------------------------ main
-def wait_for_load(threshold: float, max_s: float) -> list[float]:
-    t0, seen = time.time(), []
-    while True:
-        l1 = os.getloadavg()[0]
-        seen.append(round(l1, 2))
-        if l1 < threshold or time.time() - t0 >= max_s:
-            return seen
-        print(f"  load {l1:.2f} >= {threshold}: waiting 30 s ({time.time() - t0:.0f}/{max_s:.0f} s)", flush=True)
-        time.sleep(30)
-
-
-def machine() -> str:
-    name = platform.machine()
-    try:
-        name = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        mem = next(int(x.split()[1]) for x in open("/proc/meminfo") if x.startswith("MemTotal")) / 2**20
-        name += f", {mem:.1f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
-    return name
-
-
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
-
-
-def git_head() -> str:
-    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    d = subprocess.run(["git", "status", "--porcelain", "rlhf_ops", "params"], cwd=ROOT, capture_output=True, text=True)
-    return p.stdout.strip() + (" + uncommitted changes in rlhf_ops/ or params/" if d.stdout.strip() else "")
-
-
-def code_hash() -> str:
-    """sha256 of rlhf_ops/**/*.py and the tiny preset's YAML files: compared at start and end of a run."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(list((ROOT / "rlhf_ops").rglob("*.py")) + list((ROOT / "params" / "presets" / "tiny").glob("*.yaml"))):
-        h.update(str(f.relative_to(ROOT)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def main() -> None:
