@@ -10,8 +10,9 @@ The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the "uni" execut
 CPU machine that is the fastest layout and keeps the model in this one process, so a weight reload
 needs no serialisation. With `--tensor_parallel_size N` > 1 the engine core stays in this process
 and vLLM's "mp" executor starts N worker processes, each holding a shard; a received broadcast
-then reaches them through `collective_rpc` (pickled once per worker), and each loads its shard. The tokenizer is never loaded (`skip_tokenizer_init`): prompts and
-completions travel as token ids, and the client says which token ends a completion.
+then reaches them through `collective_rpc` (pickled once per worker), and each loads its shard.
+The tokenizer is never loaded (`skip_tokenizer_init`): prompts and completions travel as token
+ids, and the client says which token ends a completion.
 
 Protocol: one JSON object per line each way. After start-up the server writes
 `{"ok": true, "ready": true, "start_s": ...}`; then, per request line, one reply line:
@@ -56,7 +57,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv_cache_gb", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--enforce_eager", action="store_true")
     p.add_argument("--enable_prefix_caching", action="store_true")
-    p.add_argument("--omp_threads_bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (e.g. 'all', '0-1', '0-1|2-3' per TP rank)")
+    p.add_argument("--omp_threads_bind", default=None,
+                   help="VLLM_CPU_OMP_THREADS_BIND (e.g. 'all', '0-1', or '0-1|2-3': one range per TP rank)")
     p.add_argument("--tensor_parallel_size", type=int, default=1)
     p.add_argument("--gpu_memory_utilization", type=float, default=None, help="GPUs only")
     p.add_argument("--enable_sleep_mode", action="store_true", help="GPUs only: enables the sleep / wake_up ops")

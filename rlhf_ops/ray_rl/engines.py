@@ -117,16 +117,18 @@ class RayEngines:
 
         from rlhf_ops.generation.weight_sync import sync_backend
 
-        self.group, self.micro, self.sleep, self.asleep = actor_group, cfg.micro_rollout_batch_size, cfg.vllm_enable_sleep, False
+        self.group, self.micro = actor_group, cfg.micro_rollout_batch_size
+        self.sleep, self.asleep = cfg.vllm_enable_sleep, False
         self.backend, self.joined = sync_backend(cfg.vllm_sync_backend, gpu, cfg.vllm_sync_with_ray), False
         env = worker_env(gpu, cfg.ray_cpus_per_rank)
         if os.environ.get("RLHF_VLLM_PYTHON"):
             env["RLHF_VLLM_PYTHON"] = os.environ["RLHF_VLLM_PYTHON"]
         cls, tp = ray.remote(EngineActor), cfg.vllm_tensor_parallel_size
-        self.actors = [cls.options(num_cpus=cfg.ray_cpus_per_rank * tp * share, num_gpus=tp * share if gpu else 0,
-                                   runtime_env={"env_vars": env},
-                                   scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + e))
-                       .remote() for e in range(cfg.vllm_num_engines)]
+        self.actors = [
+            cls.options(num_cpus=cfg.ray_cpus_per_rank * tp * share, num_gpus=tp * share if gpu else 0,
+                        runtime_env={"env_vars": env},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + e))
+            .remote() for e in range(cfg.vllm_num_engines)]
         try:
             self._start(cfg, tokenizer, gpu)
         except BaseException:
@@ -150,8 +152,9 @@ class RayEngines:
                               for e in es], "start", es)
             for e, s in zip(es, secs):
                 start_s[e] = s
-        logger.info("%d vLLM engine(s) of TP %d started as Ray actors on %d node(s) in %s s (CPU binds %s; weights sync "
-                    "over %s)", len(self.actors), cfg.vllm_tensor_parallel_size, len(per_node), ", ".join(f"{s:.1f}" for s in start_s), binds, self.backend)
+        logger.info("%d vLLM engine(s) of TP %d started as Ray actors on %d node(s) in %s s (CPU binds %s; weights "
+                    "sync over %s)", len(self.actors), cfg.vllm_tensor_parallel_size, len(per_node),
+                    ", ".join(f"{s:.1f}" for s in start_s), binds, self.backend)
 
     def _get(self, refs: list, method: str, engines: Sequence[int] | None = None) -> list:
         """ray.get, with a dead engine named; an error raised inside an engine is re-raised as itself."""

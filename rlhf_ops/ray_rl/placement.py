@@ -56,7 +56,8 @@ def plan_groups(cfg: Any) -> list[GroupSpec]:
     return [GroupSpec(n, tuple(r for r in need if owner[r] == n), *layout(n)) for n in names]
 
 
-def bundles(groups: list[GroupSpec], gpu: bool, cpus_per_rank: float, engines: int = 0, tp: int = 1) -> list[dict[str, float]]:
+def bundles(groups: list[GroupSpec], gpu: bool, cpus_per_rank: float, engines: int = 0,
+            tp: int = 1) -> list[dict[str, float]]:
     """One bundle per rank, groups in order (group i's ranks start at the sum of the earlier groups' ranks),
     then one per vLLM engine of `tp` ranks."""
     def size(n: int) -> dict[str, float]:

@@ -152,7 +152,9 @@ def run_rl(s: RLSetup) -> dict[str, float]:
                     wait_s = time.perf_counter()
                     ahead.exception()  # the generator's weights change only once its rollout is done
                     m["time_wait_rollout"] = time.perf_counter() - wait_s
-                s.sync_weights()
+                sync_s = time.perf_counter()
+                s.sync_weights()  # vLLM engines reload the new weights; the async sampler copies them
+                m["time_sync"] = time.perf_counter() - sync_s
                 s.kl.update(exp.metrics["kl"], len(exp))
                 step += 1
                 cursor = cursor_next  # a checkpoint resumes at the first prompt no trained step has used
