@@ -40,7 +40,7 @@ def run_point(work: Path, data: Path, model: Path, backend: str, steps: int) -> 
             "--pretrain", str(model), "--prompt_data", str(data / "prompts"),
             "--reward_func", str(ROOT / "rlhf_ops/rewards/arith.py"), "--max_samples", str(16 * steps),
             "--eval_steps", "1000000", "--vllm_num_engines", "1", "--save_path", str(out / "model"),
-            "--ckpt_path", str(out / "ckpt"), *BACKENDS[backend]]
+            "--ckpt_path", str(out / "ckpt"), "--colocate_actor_ref", "--ray_cpus_per_rank", "0.5", *BACKENDS[backend]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=str(ROOT))
@@ -56,6 +56,25 @@ def run_point(work: Path, data: Path, model: Path, backend: str, steps: int) -> 
             "min_s": min(sync), "wall_s": time.perf_counter() - t0, "argv": ["python", *argv[1:]]}
 
 
+def measure(work: Path, data: Path, hiddens: list[int], steps: int, rows: list[dict]) -> None:
+    """One point per width and transport, appended to `rows`."""
+    from safetensors import safe_open
+
+    from rlhf_ops.models.tiny import make_tiny
+
+    for h in hiddens:
+        model = make_tiny(work / f"tiny_h{h}", seed=0, hidden_size=h, num_layers=4, num_heads=4, num_kv_heads=2,
+                          intermediate_size=4 * h)
+        with safe_open(str(model / "model.safetensors"), "pt") as f:
+            params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+        for backend in BACKENDS:
+            row = run_point(work, data, model, backend, steps)
+            row.update(hidden=h, params=params, mb_fp32=params * 4 / 2**20)
+            rows.append(row)
+            print(f"hidden {h} ({params / 1e6:.1f}M params), {backend}: median {row['median_s'] * 1000:.1f} ms "
+                  f"(min {row['min_s'] * 1000:.1f}) over {len(row['sync_s'])} syncs", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hiddens", default="128,512")
@@ -64,7 +83,6 @@ def main() -> None:
     a = ap.parse_args()
     from rlhf_ops.data.prepare import write_dataset
     from rlhf_ops.generation.vllm_engine import vllm_available
-    from rlhf_ops.models.tiny import make_tiny
 
     ok, why = vllm_available()
     if not ok:
@@ -73,21 +91,11 @@ def main() -> None:
     data = work / "data"
     write_dataset(data, preset="tiny", seed=42)
     started, load0 = time.strftime("%Y-%m-%d %H:%M:%S %z"), os.getloadavg()[0]
-    rows = []
-    for h in [int(x) for x in a.hiddens.split(",")]:
-        model = make_tiny(work / f"tiny_h{h}", seed=0, hidden_size=h, num_layers=4, num_heads=4, num_kv_heads=2,
-                          intermediate_size=4 * h)
-        from safetensors import safe_open
-
-        with safe_open(str(model / "model.safetensors"), "pt") as f:
-            params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-        for backend in BACKENDS:
-            row = run_point(work, data, model, backend, a.steps)
-            row.update(hidden=h, params=params, mb_fp32=params * 4 / 2**20)
-            rows.append(row)
-            print(f"hidden {h} ({params / 1e6:.1f}M params), {backend}: median {row['median_s'] * 1000:.1f} ms "
-                  f"(min {row['min_s'] * 1000:.1f}) over {len(row['sync_s'])} syncs", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    rows: list[dict] = []
+    try:
+        measure(work, data, [int(x) for x in a.hiddens.split(",")], a.steps, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     meta = {"started": started, "machine": machine(), "cores": os.cpu_count(), "git": git_head(),
             "load_before": load0, "load_after": os.getloadavg()[0], "steps": a.steps}
     out = Path(a.out)
