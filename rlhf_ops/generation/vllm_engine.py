@@ -216,6 +216,10 @@ class VLLMGenerator:
         """Ask the engine to receive one weight broadcast and reload; `finish()` waits."""
         self._send({"op": "receive"})
 
+    def request(self, op: str) -> dict:
+        """A request without arguments ("ping"; "sleep" and "wake_up" with `enable_sleep_mode`): the reply."""
+        return self._call({"op": op})
+
     def finish(self) -> dict:
         """The engine's reply to the last request_* call."""
         return self._receive(self.request_timeout)

@@ -30,7 +30,7 @@ import time
 from typing import Any, Sequence
 
 from rlhf_ops.generation.base import SamplingParams
-from rlhf_ops.ray_rl.group import RoleDied, RoleGroup, shares, worker_env
+from rlhf_ops.ray_rl.group import RoleGroup, get_or_died, shares, worker_env
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class EngineActor:
 
     def call(self, op: str) -> dict:
         """A request without arguments ("sleep", "wake_up"): the engine's reply."""
-        return self.gen._call({"op": op})
+        return self.gen.request(op)
 
     def close(self) -> None:
         if self.gen is not None:
@@ -157,16 +157,13 @@ class RayEngines:
                     ", ".join(f"{s:.1f}" for s in start_s), binds, self.backend)
 
     def _get(self, refs: list, method: str, engines: Sequence[int] | None = None) -> list:
-        """ray.get, with a dead engine named; an error raised inside an engine is re-raised as itself."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+        """ray.get, with a dead engine named; a VLLMError raised inside an engine is re-raised with its number."""
+        from ray.exceptions import RayTaskError
 
         out = []
         for e, ref in zip(engines if engines is not None else range(len(refs)), refs):
             try:
-                out.append(ray.get(ref))
-            except (RayActorError, ActorUnavailableError, WorkerCrashedError) as err:
-                raise RoleDied(f"vLLM engine {e} died during {method}: {' '.join(str(err).split())[:400]}") from None
+                out.append(get_or_died(ref, f"vLLM engine {e}", method))
             except RayTaskError as err:
                 from rlhf_ops.generation.vllm_engine import VLLMError
 

@@ -24,6 +24,17 @@ class RoleDied(RuntimeError):
     """A rank's process died (killed, out of memory, crashed); the message names the group and rank."""
 
 
+def get_or_died(ref: Any, who: str, method: str) -> Any:
+    """ray.get(ref); if the actor behind it died, RoleDied("{who} died during {method}: <Ray's reason>")."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
+
+    try:
+        return ray.get(ref)
+    except (RayActorError, ActorUnavailableError, WorkerCrashedError) as e:
+        raise RoleDied(f"{who} died during {method}: {' '.join(str(e).split())[:400]}") from None
+
+
 def shares(n: int, world: int) -> list[range]:
     """Split range(n) into `world` contiguous, balanced, in-order parts (the first n % world get one more)."""
     base, extra = divmod(n, world)
@@ -121,18 +132,14 @@ class RoleGroup:
             pass
 
     def _get(self, ref: Any, rank: int, method: str) -> Any:
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+        from ray.exceptions import RayTaskError
 
         from rlhf_ops.config import ConfigError
         from rlhf_ops.data.sources import DataError
         from rlhf_ops.rl.rewards import RewardError
 
         try:
-            return ray.get(ref)
-        except (RayActorError, ActorUnavailableError, WorkerCrashedError) as e:
-            detail = " ".join(str(e).split())[:400]
-            raise RoleDied(f"{self.name} rank {rank} died during {method}: {detail}") from None
+            return get_or_died(ref, f"{self.name} rank {rank}", method)
         except RayTaskError as e:
             if isinstance(e.cause, (ConfigError, DataError, RewardError, FloatingPointError)):
                 raise e.cause from None
