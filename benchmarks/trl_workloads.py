@@ -33,18 +33,67 @@ OURS_WRAPPER = ("import atexit, runpy, sys, torch; n = int(sys.argv.pop(1)); tor
 
 # ----------------------------------------------------------------------------- child processes and files
 
+def _status_kb(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for ln in f:
+                k = ln.split(":", 1)[0]
+                if k in keys:
+                    out[k] = int(ln.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return out
+
+
+class PeakPrivate:
+    """Samples a child's RssAnon (its private, allocated memory) every `every` s from this process.
+
+    Why not only ru_maxrss: it also counts the shared libraries' file pages that the process has
+    mapped, and how many of libtorch_cpu.so's pages one `import torch` maps depends on the page
+    cache, not on the program: after a sequential read of that file (large folios), `import torch`
+    alone measured 295 MB here, against 225 MB for the same file cached by page faults. The two
+    sides run from two venvs whose copies of libtorch are cached differently, so ru_maxrss can
+    differ by tens of MB for the same work. RssAnon does not depend on that. Sampling can miss a
+    peak shorter than `every`; a training step here lasts ~30 ms or more.
+    """
+
+    def __init__(self, pid: int, every: float = 0.005):
+        import threading
+
+        self.pid, self.every, self.peak_kb, self.file_kb = pid, every, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            st = _status_kb(self.pid, ("RssAnon", "RssFile"))
+            if st.get("RssAnon", 0) > self.peak_kb:
+                self.peak_kb, self.file_kb = st["RssAnon"], st.get("RssFile", 0)
+            self.stop.wait(self.every)
+
+    def close(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"peak_anon_mb": self.peak_kb / 1024, "file_at_peak_mb": self.file_kb / 1024}
+
+
 def run_child(argv: list[str], log: Path, env: dict) -> dict:
-    """Run one training process; (wall seconds, peak RSS of the child from wait4, its log)."""
+    """Run one training process; wall seconds, its peak RSS (wait4's ru_maxrss) and sampled peak private
+    memory (`PeakPrivate`), and its log."""
     la = os.getloadavg()[0]
     t = time.perf_counter()
     with log.open("w") as f:
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        probe = PeakPrivate(p.pid)
         _, status, ru = os.wait4(p.pid, 0)
+        mem = probe.close()
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"command failed ({p.returncode}): {shlex.join(argv)}\n--- {log} (tail) ---\n{tail}")
-    return {"wall_s": time.perf_counter() - t, "maxrss_mb": ru.ru_maxrss / 1024, "load_before": la}
+    return {"wall_s": time.perf_counter() - t, "maxrss_mb": ru.ru_maxrss / 1024, "load_before": la, **mem}
 
 
 def child_env(threads: int) -> dict:

@@ -30,7 +30,7 @@ import time
 from typing import Any, Sequence
 
 from rlhf_ops.generation.base import SamplingParams
-from rlhf_ops.ray_rl.group import RoleGroup, get_or_died, shares, worker_env
+from rlhf_ops.ray_rl.group import RoleGroup, await_all, get_or_died, shares, worker_env
 
 logger = logging.getLogger(__name__)
 
@@ -157,20 +157,24 @@ class RayEngines:
                     ", ".join(f"{s:.1f}" for s in start_s), binds, self.backend)
 
     def _get(self, refs: list, method: str, engines: Sequence[int] | None = None) -> list:
-        """ray.get, with a dead engine named; a VLLMError raised inside an engine is re-raised with its number."""
+        """ray.get of every engine's call, in the order they finish, so the first failure is reported at once
+        (a dead engine named; a VLLMError raised inside an engine re-raised with its number)."""
+        nums = list(engines if engines is not None else range(len(refs)))
+        got = await_all({ref: (lambda r, e=e: self._get_one(r, e, method)) for e, ref in zip(nums, refs)})
+        return [got[ref] for ref in refs]
+
+    @staticmethod
+    def _get_one(ref: Any, e: int, method: str) -> Any:
         from ray.exceptions import RayTaskError
 
-        out = []
-        for e, ref in zip(engines if engines is not None else range(len(refs)), refs):
-            try:
-                out.append(get_or_died(ref, f"vLLM engine {e}", method))
-            except RayTaskError as err:
-                from rlhf_ops.generation.vllm_engine import VLLMError
+        try:
+            return get_or_died(ref, f"vLLM engine {e}", method)
+        except RayTaskError as err:
+            from rlhf_ops.generation.vllm_engine import VLLMError
 
-                if isinstance(err.cause, VLLMError):
-                    raise VLLMError(f"vLLM engine {e}, {method}: {err.cause}") from None
-                raise
-        return out
+            if isinstance(err.cause, VLLMError):
+                raise VLLMError(f"vLLM engine {e}, {method}: {err.cause}") from None
+            raise
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         parts = shares(-(-len(prompts) // self.micro), len(self.actors))
@@ -201,9 +205,14 @@ class RayEngines:
                 self.group.call_ranks("connect_weight_sync", {0: ()})
                 self._get(joins, "join")
                 self.joined = True
-            replies = [a.receive.remote() for a in self.actors]
-            self.group.run("broadcast_actor_weights")
-            replies = self._get(replies, "receive")
+            receives = [a.receive.remote() for a in self.actors]
+            sends = self.group.submit("broadcast_actor_weights", {r: () for r in range(self.group.world)})
+            # engines and senders watched together: an engine that dies mid-broadcast fails the sync by name at
+            # once, not after the sync group's timeout (its sender stays blocked until the run's cleanup)
+            got = await_all({**{ref: (lambda r, e=e: self._get_one(r, e, "receive")) for e, ref in enumerate(receives)},
+                             **{ref: (lambda r, k=k: self.group.gather({k: r}, "broadcast_actor_weights"))
+                                for k, ref in sends.items()}})
+            replies = [got[ref] for ref in receives]
         logger.debug("weights synced to %d engine(s) over %s in %.2f s (engine reloads %s s)", len(self.actors),
                      self.backend, time.perf_counter() - t0,
                      ", ".join(f"{r.get('engine_reload_s', 0.0):.2f}" for r in replies))

@@ -11,7 +11,7 @@ re-raised as itself; anything else keeps Ray's remote traceback.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rlhf_ops.ray_rl.placement import GroupSpec
 
@@ -33,6 +33,34 @@ def get_or_died(ref: Any, who: str, method: str) -> Any:
         return ray.get(ref)
     except (RayActorError, ActorUnavailableError, WorkerCrashedError) as e:
         raise RoleDied(f"{who} died during {method}: {' '.join(str(e).split())[:400]}") from None
+
+
+def await_all(pending: dict[Any, Callable[[Any], Any]], grace: float = 10.0) -> dict[Any, Any]:
+    """{ref: getter(ref)} for every Ray reference in `pending`, each got as soon as it is ready.
+
+    On a failure the other calls get `grace` seconds to report, and a dead actor (`RoleDied`) is
+    blamed first: its peers' collectives fail as a consequence (gloo: "connection closed by peer").
+    """
+    import ray
+
+    pending, out = dict(pending), {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        try:
+            out[ready[0]] = pending.pop(ready[0])(ready[0])
+        except RoleDied:
+            raise
+        except BaseException:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=grace)
+            for ref in done:
+                try:
+                    pending[ref](ref)
+                except RoleDied:
+                    raise
+                except BaseException:
+                    pass
+            raise
+    return out
 
 
 def shares(n: int, world: int) -> list[range]:
@@ -102,34 +130,9 @@ class RoleGroup:
         return {r: getattr(self.workers[r], method).remote(*a) for r, a in args.items()}
 
     def gather(self, refs: dict[int, Any], method: str, grace: float = 10.0) -> list[Any]:
-        """Wait for every rank. On a failure, the other ranks get `grace` seconds to report, and a dead rank
-        is blamed first: its peers' collectives fail as a consequence (gloo: "connection closed by peer")."""
-        import ray
-
-        rank_of = {ref: r for r, ref in refs.items()}
-        results: dict[int, Any] = {}
-        while rank_of:
-            ready, _ = ray.wait(list(rank_of), num_returns=1)
-            r = rank_of.pop(ready[0])
-            try:
-                results[r] = self._get(ready[0], r, method)
-            except RoleDied:
-                raise
-            except BaseException:
-                done, _ = ray.wait(list(rank_of), num_returns=len(rank_of), timeout=grace)
-                for ref in done:
-                    self._get_quiet(ref, rank_of[ref], method)
-                raise
-        return [results[r] for r in sorted(results)]
-
-    def _get_quiet(self, ref: Any, rank: int, method: str) -> None:
-        """Raise RoleDied if this rank died; ignore any other outcome."""
-        try:
-            self._get(ref, rank, method)
-        except RoleDied:
-            raise
-        except BaseException:
-            pass
+        """Wait for every rank (`await_all`: a dead rank is blamed before its peers' failures)."""
+        got = await_all({ref: (lambda x, r=r: self._get(x, r, method)) for r, ref in refs.items()}, grace)
+        return [got[refs[r]] for r in sorted(refs)]
 
     def _get(self, ref: Any, rank: int, method: str) -> Any:
         from ray.exceptions import RayTaskError

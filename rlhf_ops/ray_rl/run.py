@@ -62,23 +62,31 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
     logger.info("placed %s%s on %s", describe(specs, *engines),
                 f" with {cfg.vllm_num_engines} vLLM engine(s) on the actor's bundles" if hybrid else "",
                 "GPUs" if gpu else f"CPU processes ({cfg.ray_cpus_per_rank:g} CPU each)")
-    groups, first = {}, 0
+    groups, first, gen = {}, 0, None
     try:
         for spec in specs:
             groups[spec.name] = RoleGroup(spec, pg, first, gpu, cfg.ray_cpus_per_rank, share=0.5 if hybrid else 1.0)
             first += spec.ranks
+        holder = {role: g for g in groups.values() for role in g.spec.roles}
         steps = total_steps(cfg, len(prompts))
         pending = [(g, g.start(cfg, steps)) for g in groups.values()]  # all groups load their models at once
-        for g, refs in pending:
-            g.gather(refs, "setup")
-        holder = {role: g for g in groups.values() for role in g.spec.roles}
-        if cfg.vllm_num_engines:
+        if cfg.vllm_num_engines:  # the engines start (from --pretrain) while the groups load their models
             from rlhf_ops.ray_rl.engines import RayEngines
 
-            gen = RayEngines(cfg, tok, holder["actor"], pg, 0 if hybrid else first, gpu, share=0.5 if hybrid else 1.0)
-        else:
+            try:
+                gen = RayEngines(cfg, tok, holder["actor"], pg, 0 if hybrid else first, gpu,
+                                 share=0.5 if hybrid else 1.0)
+            except BaseException:
+                for g, refs in pending:  # a group that failed to load says why first (a bad --pretrain fails both)
+                    g.gather(refs, "setup")
+                raise
+        for g, refs in pending:
+            g.gather(refs, "setup")
+        if gen is None:
             gen = RemoteGenerator(holder["actor"], cfg.micro_rollout_batch_size, lockstep(cfg, holder["actor"]))
     except BaseException:
+        if gen is not None:
+            gen.close()
         for g in groups.values():
             g.kill()
         from ray.util.placement_group import remove_placement_group

@@ -282,6 +282,41 @@ def test_a_dead_or_failing_vllm_engine_actor_is_named(ray_cluster):
         ray_cluster.kill(a)
 
 
+def test_a_failure_is_reported_without_waiting_for_calls_still_running(ray_cluster):
+    """Engine calls are awaited in the order they finish: an engine that dies while another call is still
+    running (a sender blocked in a broadcast) fails at once by name, and a dead actor is blamed before its
+    peer's ordinary error (a gloo send fails *because* the receiver died)."""
+    import time
+
+    from rlhf_ops.ray_rl.engines import RayEngines
+    from rlhf_ops.ray_rl.group import RoleDied, await_all
+
+    class StandIn:
+        def hang(self):
+            time.sleep(300)
+
+        def die(self, after=0.0):
+            time.sleep(after)
+            os._exit(1)
+
+        def fail(self):
+            raise RuntimeError("Connection closed by peer")
+
+    actors = [ray_cluster.remote(num_cpus=0)(StandIn).remote() for _ in range(4)]
+    engines = object.__new__(RayEngines)
+    t0 = time.perf_counter()
+    with pytest.raises(RoleDied, match=r"^vLLM engine 1 died during receive: "):
+        engines._get([actors[0].hang.remote(), actors[1].die.remote()], "receive")
+    assert time.perf_counter() - t0 < 60  # engine 0's call would have held a ray.get for 300 s
+
+    refs = {actors[2].fail.remote(): lambda r: ray_cluster.get(r),
+            actors[3].die.remote(1.0): lambda r: engines._get_one(r, 1, "receive")}
+    with pytest.raises(RoleDied, match=r"^vLLM engine 1 died during receive: "):
+        await_all(refs, grace=30)
+    for a in actors:
+        ray_cluster.kill(a)
+
+
 def test_vllm_sleep_on_a_cluster_without_gpus_is_refused_by_name(ray_cluster, model_dir, builtin_data_dir, tmp_path):
     from rlhf_ops.config import ConfigError, parse_config
     from rlhf_ops.ray_rl.run import train_ppo_ray
