@@ -10,9 +10,7 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -31,13 +29,6 @@ class Responses:
 
     def texts(self, tokenizer: Any) -> list[str]:
         return [tokenizer.decode(s[p:], skip_special_tokens=True) for s, p in zip(self.seqs, self.plens)]
-
-
-def scorer_options(reward_func: str | None, micro_batch_size: int) -> SimpleNamespace:
-    """The options `rl.setup.make_scorer` reads: raw scores (no clipping, no normalisation), padded batches."""
-    return SimpleNamespace(reward_func=reward_func, micro_rollout_batch_size=micro_batch_size, packing_samples=False,
-                           flash_attn=False,
-                           normalize_reward=False, reward_clip_range=(-math.inf, math.inf))
 
 
 def load_policy(path: str, bf16: bool = False) -> torch.nn.Module:

@@ -16,8 +16,7 @@ import torch
 
 from rlhf_ops.config import ConfigError
 from rlhf_ops.eval.config import EvalConfig
-from rlhf_ops.eval.policy import (Responses, greedy_eval, kl_to_reference, load_policy, sampled_eval,
-                                  scorer_options, win_rate)
+from rlhf_ops.eval.policy import Responses, greedy_eval, kl_to_reference, load_policy, sampled_eval, win_rate
 from rlhf_ops.eval.report import training_curves, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,7 @@ def command_line(cfg: EvalConfig) -> str:
 def evaluate(cfg: EvalConfig) -> dict:
     """Compute the metrics, write the outputs (atomically) and return metrics.json's content."""
     from rlhf_ops.models.reward import load_value_model
+    from rlhf_ops.rl.rewards import ScoringOptions
     from rlhf_ops.rl.setup import build_prompts, make_scorer
 
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     paths = cfg.model_paths()
     tok = shared_tokenizer(paths, cfg.tokenizer_chat_template)
     prompts = build_prompts(cfg, tok, cfg.prompts, cfg.eval_split)  # EvalConfig carries RLConfig's prompt options
-    score = make_scorer(scorer_options(cfg.reward_func, cfg.micro_batch_size), tok, None)
+    score = make_scorer(ScoringOptions(cfg.reward_func, cfg.micro_batch_size), tok, None)
     metrics: dict[str, Any] = {"n_prompts": len(prompts)}
     greedy: dict[str, Responses] = {}
     rewards: dict[str, list[float]] = {}
@@ -102,7 +102,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         logger.info("win rate judged by %s (%s)", rm_path, why)
         rm = load_value_model(rm_path, value_head_prefix=cfg.value_head_prefix, bf16=cfg.bf16,
                               pad_token_id=tok.pad_token_id).eval()
-        rm_score = make_scorer(scorer_options(None, cfg.micro_batch_size), tok, rm)
+        rm_score = make_scorer(ScoringOptions(None, cfg.micro_batch_size), tok, rm)
         metrics["rl_vs_sft_win_rate"] = win_rate(rm_score, prompts, greedy["rl"], greedy["sft"])
         notes.append(f"win rate judged by the reward model {rm_path}")
         del rm

@@ -46,6 +46,7 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
     import ray
 
     from rlhf_ops.models.loading import load_tokenizer
+    from rlhf_ops.rl.rewards import ScoringOptions
     from rlhf_ops.rl.setup import build_prompts, kl_controller, make_scorer, total_steps
     from rlhf_ops.utils.tracking import run_metrics
 
@@ -93,7 +94,7 @@ def build_ray(cfg: RayPPOConfig) -> RaySetup:
         remove_placement_group(pg)
         raise
     rm = remote_reward_scores(holder["reward"], cfg.micro_rollout_batch_size) if "reward" in holder else None
-    models = RemoteModels(holder, gen, make_scorer(cfg, tok, None, rm_scores=rm), tok.pad_token_id)
+    models = RemoteModels(holder, gen, make_scorer(ScoringOptions.of(cfg), tok, None, rm_scores=rm), tok.pad_token_id)
     return RaySetup(cfg, tok, prompts, evals, None, None, models, gen, kl_controller(cfg), run_metrics(cfg, 0),
                     tok.pad_token_id, groups, holder, pg)
 

@@ -117,10 +117,11 @@ class RoleWorker:
         return out
 
     def reward_scores(self, seqs: list[list[int]]) -> torch.Tensor:
+        from rlhf_ops.rl.rewards import ScoringOptions
         from rlhf_ops.rl.setup import reward_model_scores
 
         with self._resident("reward"):
-            return reward_model_scores(self.m["reward"], self.cfg, self.tokenizer.pad_token_id, seqs)
+            return reward_model_scores(self.m["reward"], ScoringOptions.of(self.cfg), self.tokenizer.pad_token_id, seqs)
 
     def _resident(self, role: str) -> Any:
         """--ref_reward_offload: the frozen model of `role` on the accelerator for this block only."""

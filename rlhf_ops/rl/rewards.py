@@ -40,6 +40,23 @@ def load_reward_func(path: str) -> Callable[..., Any]:
     return fn
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What scoring reads (`rl.setup.make_scorer`, `reward_model_scores`): the RL stage takes them from
+    its config (`of`); evaluation asks for raw scores (no clipping, no normalisation), padded."""
+    reward_func: str | None = None
+    micro_batch_size: int = 16  # reward-model forwards per chunk of sequences
+    packing_samples: bool = False
+    normalize_reward: bool = False
+    reward_clip_range: tuple[float, float] = (-math.inf, math.inf)
+
+    @classmethod
+    def of(cls, cfg: Any) -> "ScoringOptions":
+        """From an RLConfig (--reward_func, --micro_rollout_batch_size, --packing_samples, ...)."""
+        return cls(cfg.reward_func, cfg.micro_rollout_batch_size, cfg.packing_samples, cfg.normalize_reward,
+                   tuple(cfg.reward_clip_range))
+
+
 @dataclass
 class Scores:
     rewards: torch.Tensor  # [B] float32

@@ -13,7 +13,7 @@ from rlhf_ops.data.batching import collate
 from rlhf_ops.generation.base import HFGenerator, SamplingParams
 from rlhf_ops.rl.config import RLConfig
 from rlhf_ops.rl.experience import Models, PromptSet, sample
-from rlhf_ops.rl.rewards import Scores, call_reward_func, load_reward_func, normalize
+from rlhf_ops.rl.rewards import Scores, ScoringOptions, call_reward_func, load_reward_func, normalize
 from rlhf_ops.rl.update import train_on
 from rlhf_ops.utils import checkpoint as ckpt
 
@@ -103,34 +103,35 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model: torch.nn.Module, cfg: Any, pad_id: int, seqs: list[list[int]]) -> torch.Tensor:
-    """[B] sequence scores of a reward model over --micro_rollout_batch_size chunks (normalised with
+def reward_model_scores(reward_model: torch.nn.Module, opts: ScoringOptions, pad_id: int,
+                        seqs: list[list[int]]) -> torch.Tensor:
+    """[B] sequence scores of a reward model over `opts.micro_batch_size` chunks (normalised with
     --normalize_reward by the mean/std its config stores)."""
     from rlhf_ops.distributed.device import param_device
     from rlhf_ops.models.reward import sequence_rewards, token_values
 
     parts = []
-    for i in range(0, len(seqs), cfg.micro_rollout_batch_size):
-        chunk = seqs[i:i + cfg.micro_rollout_batch_size]
-        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=cfg.packing_samples).to(param_device(reward_model))
+    for i in range(0, len(seqs), opts.micro_batch_size):
+        chunk = seqs[i:i + opts.micro_batch_size]
+        b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=opts.packing_samples).to(param_device(reward_model))
         parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
     rm = torch.cat(parts)
-    if cfg.normalize_reward:
+    if opts.normalize_reward:
         c = reward_model.config
         rm = normalize(rm, getattr(c, "mean", None), getattr(c, "std", None))
     return rm
 
 
-def make_scorer(cfg: RLConfig, tokenizer: Any, reward_model: torch.nn.Module | None,
+def make_scorer(opts: ScoringOptions, tokenizer: Any, reward_model: torch.nn.Module | None,
                 rm_scores: Callable[[list[list[int]]], torch.Tensor] | None = None):
     """(prompt set, sequences, prompt rows, prompt lens, batch=name) -> Scores: reward model + function, clipped.
 
     `batch` names the batch in error messages ("the rollout of step 3"); default: the call's number.
     `rm_scores(seqs)` stands in for `reward_model_scores` of a reward model that lives elsewhere (Ray)."""
-    fn = load_reward_func(cfg.reward_func) if cfg.reward_func else None
+    fn = load_reward_func(opts.reward_func) if opts.reward_func else None
     calls = {"n": 0}
     if rm_scores is None and reward_model is not None:
-        rm_scores = functools.partial(reward_model_scores, reward_model, cfg, tokenizer.pad_token_id)
+        rm_scores = functools.partial(reward_model_scores, reward_model, opts, tokenizer.pad_token_id)
 
     @torch.no_grad()
     def score(ps: PromptSet, seqs: list[list[int]], rows: list[int], plens: list[int], batch: str | None = None) -> Scores:
@@ -141,11 +142,11 @@ def make_scorer(cfg: RLConfig, tokenizer: Any, reward_model: torch.nn.Module | N
             total += rm_scores(seqs)
         if fn is not None:
             queries = [ps.texts[r] + tokenizer.decode(s[p:], skip_special_tokens=True) for s, r, p in zip(seqs, rows, plens)]
-            sc = call_reward_func(fn, cfg.reward_func, queries, [ps.texts[r] for r in rows], [ps.labels[r] for r in rows],
+            sc = call_reward_func(fn, opts.reward_func, queries, [ps.texts[r] for r in rows], [ps.labels[r] for r in rows],
                                   batch or f"scoring call {calls['n']}")
             total += sc.rewards
             extra = sc.extra
-        return Scores(total.clamp(*cfg.reward_clip_range), extra)
+        return Scores(total.clamp(*opts.reward_clip_range), extra)
 
     return score
 
@@ -213,7 +214,7 @@ def build(cfg: RLConfig) -> RLSetup:
     m = load_models(cfg, tok, model_roles(cfg), total_steps(cfg, len(prompts)))
     actor, critic = m["actor"], m.get("critic")
     gen = HFGenerator(actor.module, tok, cfg.micro_rollout_batch_size, cfg.use_rollout_logprobs, own_copy=cfg.async_train)
-    models = Models(actor.module, m.get("ref"), critic.module if critic else None, gen, make_scorer(cfg, tok, m.get("reward")),
+    models = Models(actor.module, m.get("ref"), critic.module if critic else None, gen, make_scorer(ScoringOptions.of(cfg), tok, m.get("reward")),
                     tok.pad_token_id)
     metrics = run_metrics(cfg, rank)
     return RLSetup(cfg, tok, prompts, evals, actor, critic, models, gen, kl_controller(cfg), metrics, tok.pad_token_id)

@@ -208,6 +208,7 @@ def test_dr_grpo_is_group_norm_without_std_and_uses_the_constant_normaliser(cfg,
     from rlhf_ops.generation.base import HFGenerator, SamplingParams
     from rlhf_ops.models.loading import load_tokenizer
     from rlhf_ops.rl.experience import Models, PromptSet, make_experience, sample
+    from rlhf_ops.rl.rewards import ScoringOptions
     from rlhf_ops.rl.setup import make_scorer
 
     tok = load_tokenizer(str(model_dir))
@@ -220,7 +221,7 @@ def test_dr_grpo_is_group_norm_without_std_and_uses_the_constant_normaliser(cfg,
     exps = {}
     for est in ("group_norm", "dr_grpo"):
         c = dataclasses.replace(cfg, advantage_estimator=est)
-        models = Models(actor, None, None, HFGenerator(actor, tok, 8), make_scorer(c, tok, None), PAD)
+        models = Models(actor, None, None, HFGenerator(actor, tok, 8), make_scorer(ScoringOptions.of(c), tok, None), PAD)
         seqs, plens, rows = sample(models, ps, [0, 1], G, SamplingParams(1.0, c.generate_max_len, seed=5))
         exps[est] = (c, make_experience(models, c, seqs, plens, models.score(ps, seqs, rows, plens), 0.05))
     (cg, gn), (cd, dr) = exps["group_norm"], exps["dr_grpo"]
