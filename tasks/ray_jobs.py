@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,10 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+_DEFAULT_SIGINT_EXEC = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 @contextlib.contextmanager
 def local_head(num_cpus: int | None = None, startup_timeout: float = 180.0, log: Callable[[str], None] = print
                ) -> Iterator[str]:
@@ -65,20 +70,30 @@ def local_head(num_cpus: int | None = None, startup_timeout: float = 180.0, log:
     gcs, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rlhf-ray-")  # short path: Ray's socket names must stay < 108 bytes
     env = {**os.environ, **_auth_env(token), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_USAGE_STATS": "1"}
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}",
+    # SIGINT back to its default first: a process started in the background (`cmd &`, nohup) inherits it ignored,
+    # and so would the head, which is stopped with SIGINT (`_stop_group`)
+    cmd = [sys.executable, "-c", _DEFAULT_SIGINT_EXEC, str(Path(sys.executable).with_name("ray")), "start", "--head",
+           "--block", f"--port={gcs}",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus or os.cpu_count() or 1}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
+    ok = False
     try:
         _wait_ready(address, token, proc, startup_timeout)
         log(f"local Ray head up at {address} in {time.perf_counter() - t0:.1f} s (127.0.0.1 only, token auth)")
         with _env(_auth_env(token)):
             yield address
+        ok = True
     finally:
-        _stop_group(proc)
+        t1 = time.perf_counter()
+        how = _stop_group(proc)
+        if ok:  # its session logs: the jobs' output was streamed already; kept after a failure, for its logs
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        log(f"local Ray head stopped in {time.perf_counter() - t1:.1f} s ({how}); its temp dir {temp_dir} "
+            + ("removed" if ok else "kept for its logs"))
 
 
 def _wait_ready(address: str, token: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -93,23 +108,28 @@ def _wait_ready(address: str, token: str, proc: subprocess.Popen, timeout: float
     raise TimeoutError(f"the local Ray head did not answer at {address} within {timeout:.0f} s")
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM our head's process group, SIGKILL what is left after `grace_s`.
+def _stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> str:
+    """SIGINT our head's process group, SIGKILL what is left after `grace_s`; says which ended it.
 
-    Measured here: an idle head exits ~2.5 s after SIGTERM, but once it has run a job,
-    `ray start --block` ignores SIGTERM for good (30 s waited, then killed). The head is ours and
-    ephemeral (its own temp dir, nothing to save), so a short grace costs nothing."""
+    `ray start --block` takes SIGINT as Ctrl-C: it stops the processes it started and exits
+    (measured here: 1.5 s, after a job ran). SIGTERM is no use: once the head has run a job,
+    `ray start --block` ignores it for good (30 s waited, then killed). The head is ours and
+    ephemeral, so whatever outlives the grace is killed; Ray processes we did not start are
+    never touched (no `ray stop`)."""
+    how = "it exited on SIGINT"
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
+        how = f"killed after {grace_s:g} s"
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     time.sleep(0.5)  # the group's other members get the same signal; give them a moment
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    return how
 
 
 def job_env() -> dict[str, str]:

@@ -132,18 +132,38 @@ def test_ray_jobs_on_a_local_head_stream_logs_and_fail_with_the_tail(tmp_path):
     from tasks.ray_jobs import JobFailed, local_head, run_job
 
     lines: list[str] = []
-    with local_head(num_cpus=1, log=lines.append) as address:
-        assert address.startswith("http://127.0.0.1:") and os.environ["RAY_AUTH_MODE"] == "token"
-        run_job(address, [sys.executable, "-c", "print('hello from a job'); print('second line')"], "ok",
-                log=lines.append, poll_s=0.2)
-        assert "hello from a job" in lines and "second line" in lines
-        with pytest.raises(JobFailed, match=r"(?s)FAILED.*about to fail"):
-            run_job(address, [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], "bad",
+    # started with SIGINT ignored, as in a background job (`make run &`, nohup): the head must stay stoppable
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with local_head(num_cpus=1, log=lines.append) as address:
+            signal.signal(signal.SIGINT, ignored)
+            assert address.startswith("http://127.0.0.1:") and os.environ["RAY_AUTH_MODE"] == "token"
+            run_job(address, [sys.executable, "-c", "print('hello from a job'); print('second line')"], "ok",
                     log=lines.append, poll_s=0.2)
+            assert "hello from a job" in lines and "second line" in lines
+            with pytest.raises(JobFailed, match=r"(?s)FAILED.*about to fail"):
+                run_job(address, [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], "bad",
+                        log=lines.append, poll_s=0.2)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert "RAY_AUTH_TOKEN" not in os.environ  # restored after the head is gone
     with pytest.raises(Exception):
         from ray.job_submission import JobSubmissionClient
         JobSubmissionClient(address).list_jobs()  # the head we started is stopped
+    # stopped by SIGINT, which `ray start --block` honours after a job (SIGTERM it ignores), and cleaned up
+    stop = [ln for ln in lines if ln.startswith("local Ray head stopped in ")]
+    assert len(stop) == 1 and "(it exited on SIGINT)" in stop[0] and stop[0].endswith(" removed"), stop
+    assert not Path(stop[0].split("its temp dir ")[1].split()[0]).exists()
+
+    lines.clear()
+    with pytest.raises(RuntimeError, match="the flow failed"):
+        with local_head(num_cpus=1, log=lines.append):
+            raise RuntimeError("the flow failed")
+    stop = [ln for ln in lines if ln.startswith("local Ray head stopped in ")]
+    assert len(stop) == 1 and stop[0].endswith(" kept for its logs"), stop
+    kept = Path(stop[0].split("its temp dir ")[1].split()[0])
+    assert (kept / "session_latest" / "logs").is_dir()
+    shutil.rmtree(kept)
 
 
 @pytest.mark.slow
