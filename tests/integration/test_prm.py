@@ -74,16 +74,16 @@ def test_training_raises_step_accuracy_on_builtin_rows(model_dir, builtin_data_d
     data.write_text("\n".join(rows) + "\n")
     cfg = PRMConfig(pretrain=str(model_dir), dataset=str(data), eval_dataset=str(data), max_len=128,
                     save_path=str(tmp_path / "prm"), ckpt_path=str(tmp_path / "ckpt"), train_batch_size=16,
-                    micro_train_batch_size=16, learning_rate=1e-2, lr_warmup_ratio=0.05, max_epochs=30,
+                    micro_train_batch_size=16, learning_rate=3e-3, lr_warmup_ratio=0.05, max_epochs=30,
                     zero_stage=0, packing_samples=True, logging_steps=16)
     before = step_metrics(str(model_dir), cfg)
     after = train_prm(cfg)
     print(f"PRM step metrics on 64 built-in rows: untrained {before}, after 120 steps {after}")
-    # Measured: acc 0.647 -> 0.815, loss 0.657 -> 0.398 (2026-11-26, an AVX2 machine); acc 0.647 -> 0.809, loss
-    # 0.657 -> 0.483 (2026-11-27, AVX-512: other float rounding, another path at lr 1e-2). The untrained model says
-    # "+" at every step; 65% of these steps are "+". Held-out figures: README, "Process reward model".
+    # Measured (2026-11-27, AVX-512): acc 0.647 -> 0.873, loss 0.657 -> 0.325. At lr 1e-2 the path depended on
+    # the machine's float rounding (loss 0.398 on an AVX2 machine, 0.483 on this one); lr 3e-3 leaves a margin.
+    # The untrained model says "+" at every step; 65% of these steps are "+". Held-out: README, "Process reward model".
     assert before["acc"] < 0.7 and after["acc"] > before["acc"] + 0.12, (before, after)
-    assert after["loss"] < before["loss"] - 0.1, (before, after)
+    assert after["loss"] < before["loss"] - 0.2, (before, after)
     reloaded = step_metrics(cfg.save_path, cfg)
     assert reloaded["acc"] == pytest.approx(after["acc"], abs=1e-6)
     assert reloaded["loss"] == pytest.approx(after["loss"], rel=1e-4)
