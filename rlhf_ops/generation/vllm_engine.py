@@ -208,9 +208,10 @@ class VLLMGenerator:
 
     # ---- a weight-sync group formed by someone else (the Ray driver: actor rank 0 sends) ----
 
-    def request_join(self, host: str, port: int, rank: int, world: int) -> None:
-        """Ask the engine to join the weight-sync group at `host`:`port` as `rank`; `finish()` waits."""
-        self._send({"op": "join_sync", "host": host, "port": int(port), "rank": int(rank), "world": int(world)})
+    def request_join(self, host: str, port: int, rank: int, world: int, backend: str = "gloo") -> None:
+        """Ask the engine to join the `backend` weight-sync group at `host`:`port` as `rank`; `finish()` waits."""
+        self._send({"op": "join_sync", "host": host, "port": int(port), "rank": int(rank), "world": int(world),
+                    "backend": backend})
 
     def request_receive(self) -> None:
         """Ask the engine to receive one weight broadcast and reload; `finish()` waits."""
@@ -310,8 +311,8 @@ def save_hf_weights(model: torch.nn.Module, directory: str | os.PathLike) -> Pat
     return out / "model.safetensors"
 
 
-def full_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The actor's complete weights under Hugging Face key names, as CPU tensors (None off rank 0).
+def full_hf_state_dict(model: torch.nn.Module, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+    """The actor's complete weights under Hugging Face key names, as copies on `device` (None off rank 0).
 
     DeepSpeed and PEFT wrappers are unwrapped; ZeRO-3 partitions are gathered (a collective: all
     ranks call this); LoRA adapters are merged into the base weights for the copy and unmerged
@@ -337,7 +338,7 @@ def full_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None
                 for k, v in hf.state_dict().items():
                     if ".lora_" in k or "modules_to_save" in k:
                         continue
-                    sd[k.replace(".base_layer.", ".")] = v.detach().to("cpu").contiguous().clone()
+                    sd[k.replace(".base_layer.", ".")] = v.detach().to(device).contiguous().clone()
         finally:
             if peft is not None:
                 peft.unmerge_adapter()

@@ -20,7 +20,8 @@ Protocol: one JSON object per line each way. After start-up the server writes
    "seeds": [int|null per prompt], "stop_token_ids": [ids]}  -> {"ok": true, "result": [[ids]]}
   {"op": "reload", "path": "<dir holding *.safetensors with HF key names>"}
                                                               -> {"ok": true, "reload_s": ...}
-  {"op": "join_sync", "host", "port", "rank", "world"}        -> {"ok": true} once the group is formed
+  {"op": "join_sync", "host", "port", "rank", "world", "backend": "gloo"|"nccl"}
+                                                              -> {"ok": true} once the group is formed
   {"op": "receive"}: one weight broadcast over that group, then a reload
                                               -> {"ok": true, "receive_s": ..., "engine_reload_s": ...}
   {"op": "sleep"} / {"op": "wake_up"} (with --enable_sleep_mode, GPUs only)  -> {"ok": true}
@@ -67,18 +68,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 class WeightReceiver:
     """Rank `rank` of the weight-sync group (`rlhf_ops.generation.weight_sync`, whose protocol this
-    mirrors: a length, a JSON header, one flat buffer per dtype, all broadcast from rank 0)."""
+    mirrors: a length, a JSON header, one flat buffer per dtype, all broadcast from rank 0).
+    `backend` "nccl" receives into this process's current GPU (not run on a GPU yet), "gloo" into
+    host memory."""
 
     PREFIX = "rlhf_weight_sync"
 
-    def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float = 600):
+    def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float = 600, backend: str = "gloo"):
         import datetime
 
+        import torch
         import torch.distributed as dist
 
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight-sync backend must be 'gloo' or 'nccl', got {backend!r}")
+        if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+            raise RuntimeError(f"weight sync over nccl needs a CUDA GPU and a torch built with NCCL; this engine has "
+                               f"CUDA {torch.cuda.is_available()}, NCCL {dist.is_nccl_available()}")
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
-        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(self.PREFIX, store), rank, world, timeout)
+        prefixed = dist.PrefixStore(self.PREFIX, store)
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, world, opts)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, world, timeout)
+            self.device = torch.device("cpu")
         self.store = store
 
     def _recv(self, t):
@@ -90,12 +107,14 @@ class WeightReceiver:
         return t
 
     def receive(self) -> list:
-        """[(name, tensor)] in the sender's order."""
+        """[(name, tensor)] in the sender's order, on `self.device`."""
         import torch
 
-        n = int(self._recv(torch.zeros(1, dtype=torch.int64))[0])
-        header = json.loads(self._recv(torch.empty(n, dtype=torch.uint8)).numpy().tobytes().decode())
-        flats = {dt: self._recv(torch.empty(numel, dtype=getattr(torch, dt))) for dt, numel in header["flat"]}
+        n = int(self._recv(torch.zeros(1, dtype=torch.int64, device=self.device))[0])
+        raw = self._recv(torch.empty(n, dtype=torch.uint8, device=self.device)).cpu()
+        header = json.loads(raw.numpy().tobytes().decode())
+        flats = {dt: self._recv(torch.empty(numel, dtype=getattr(torch, dt), device=self.device))
+                 for dt, numel in header["flat"]}
         offset = {dt: 0 for dt in flats}
         out = []
         for name, dt, shape in header["tensors"]:
@@ -150,7 +169,8 @@ class Engine:
 
     def join_sync(self, req: dict) -> None:
         """Join the client's weight-sync group (returns once every rank has joined)."""
-        self.receiver = WeightReceiver(req["host"], int(req["port"]), int(req["rank"]), int(req["world"]))
+        self.receiver = WeightReceiver(req["host"], int(req["port"]), int(req["rank"]), int(req["world"]),
+                                       backend=req.get("backend", "gloo"))
 
     def receive(self) -> dict:
         """Receive one broadcast of the weights and load them, as `reload` does from a file."""
@@ -160,7 +180,8 @@ class Engine:
         if self.tp == 1:  # in-process engine ("uni" executor): the worker takes the tensors directly, no serialisation
             worker = self.llm.llm_engine.model_executor.driver_worker.worker
             worker.reload_weights(weights_iterator=iter(weights))
-        else:  # "mp" executor: every TP worker gets the whole list and loads its shard
+        else:  # "mp" executor: every TP worker gets the whole list (pickled, from host memory) and loads its shard
+            weights = [(name, t.cpu()) for name, t in weights]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         return {"receive_s": t_recv, "engine_reload_s": time.perf_counter() - t - t_recv}

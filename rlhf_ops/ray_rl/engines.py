@@ -13,8 +13,9 @@ share of micro-batches per engine, sampled concurrently; prompt i's seed is the 
 engine gets it, so N engines return what one engine would. `sync_weights` runs before the first
 rollout too, so a resumed run samples from its checkpoint. How the weights travel
 (`weight_sync.sync_backend`):
-  * gloo: actor rank 0 and the engines' vLLM processes form a process group on the first sync;
-    each sync is one broadcast from rank 0 (gathered under ZeRO-3) that every engine reloads;
+  * gloo / nccl: actor rank 0 and the engines' vLLM processes form a process group on the first sync;
+    each sync is one broadcast from rank 0 (gathered under ZeRO-3) that every engine reloads; with
+    nccl the buffers stay on the GPUs (not run on a GPU yet; with --colocate_all it takes "ray");
   * ray (--vllm_sync_with_ray): rank 0 returns the packed weights from a Ray task, each engine
     actor fetches them from the object store and passes them to its vLLM process on the loopback.
 With --vllm_enable_sleep (GPUs only; vLLM's sleep mode is CUDA-only, so this path has not run here)
@@ -80,9 +81,9 @@ class EngineActor:
     def generate(self, prompts: list[list[int]], params: SamplingParams, chunks: range) -> list[list[int]]:
         return self.gen.generate(prompts, params, chunks=chunks) if len(chunks) else []
 
-    def join(self, host: str, port: int, rank: int, world: int) -> None:
-        """Join actor rank 0's weight-sync group (returns once every member has joined)."""
-        self.gen.request_join(host, port, rank, world)
+    def join(self, host: str, port: int, rank: int, world: int, backend: str) -> None:
+        """Join actor rank 0's `backend` weight-sync group (returns once every member has joined)."""
+        self.gen.request_join(host, port, rank, world, backend)
         self.gen.finish()
 
     def receive(self) -> dict:
@@ -119,7 +120,8 @@ class RayEngines:
 
         self.group, self.micro = actor_group, cfg.micro_rollout_batch_size
         self.sleep, self.asleep = cfg.vllm_enable_sleep, False
-        self.backend, self.joined = sync_backend(cfg.vllm_sync_backend, gpu, cfg.vllm_sync_with_ray), False
+        self.backend = sync_backend(cfg.vllm_sync_backend, gpu, cfg.vllm_sync_with_ray, shares_gpu=share < 1)
+        self.joined = False
         env = worker_env(gpu, cfg.ray_cpus_per_rank)
         if os.environ.get("RLHF_VLLM_PYTHON"):
             env["RLHF_VLLM_PYTHON"] = os.environ["RLHF_VLLM_PYTHON"]
@@ -200,8 +202,9 @@ class RayEngines:
             del packed
         else:
             if not self.joined:
-                host, port = self.group.call_ranks("open_weight_sync", {0: (len(self.actors) + 1,)})[0]
-                joins = [a.join.remote(host, port, rank, len(self.actors) + 1) for rank, a in enumerate(self.actors, 1)]
+                world = len(self.actors) + 1
+                host, port = self.group.call_ranks("open_weight_sync", {0: (world, self.backend)})[0]
+                joins = [a.join.remote(host, port, rank, world, self.backend) for rank, a in enumerate(self.actors, 1)]
                 self.group.call_ranks("connect_weight_sync", {0: ()})
                 self._get(joins, "join")
                 self.joined = True

@@ -58,14 +58,14 @@ class RoleWorker:
     def generate(self, prompts: list[list[int]], params: SamplingParams, keep: range) -> list[list[int]]:
         return self.gen.generate(prompts, params, chunks=keep)
 
-    def open_weight_sync(self, world: int) -> tuple[str, int]:
-        """Rank 0: open a weight-sync group for itself and `world` - 1 vLLM engines (`generation.weight_sync`);
-        returns the address the engines join at."""
+    def open_weight_sync(self, world: int, backend: str = "gloo") -> tuple[str, int]:
+        """Rank 0: open a `backend` weight-sync group for itself and `world` - 1 vLLM engines
+        (`generation.weight_sync`); returns the address the engines join at."""
         import ray
 
         from rlhf_ops.generation.weight_sync import WeightSender
 
-        self.sender = WeightSender(ray.util.get_node_ip_address(), 0, world)
+        self.sender = WeightSender(ray.util.get_node_ip_address(), 0, world, backend=backend)
         return self.sender.host, self.sender.port
 
     def connect_weight_sync(self) -> None:
@@ -77,9 +77,10 @@ class RoleWorker:
         under ZeRO-3 every rank takes part in the gather)."""
         from rlhf_ops.generation.vllm_engine import full_hf_state_dict
 
-        sd = full_hf_state_dict(self.m["actor"].module)
+        sender = getattr(self, "sender", None)  # rank 0's; the other ranks only join a ZeRO-3 gather
+        sd = full_hf_state_dict(self.m["actor"].module, sender.device if sender else "cpu")  # nccl: stays on the GPU
         if sd is not None:
-            self.sender.send(sd)
+            sender.send(sd)
 
     def put_actor_weights(self) -> list | None:
         """Rank 0: [a Ray reference to the actor's packed weights] (`weight_sync.pack`, as uint8 arrays), for

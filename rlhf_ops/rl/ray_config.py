@@ -15,11 +15,12 @@ group, each with `--vllm_tensor_parallel_size` worker processes (GPUs) on one no
 each sampling a share of every rollout. `--colocate_all` (the hybrid engine) puts them on the
 actor ranks' bundles instead, engine e with actor rank e, each process taking half the bundle;
 `--vllm_enable_sleep` (GPUs only) frees the engines' GPU memory between rollouts. After every
-actor update the new weights reach every engine: actor rank 0 broadcasts them over gloo
-(`--vllm_sync_backend gloo`, and `nccl` on a CPU machine; `rlhf_ops.generation.weight_sync`), or
-with `--vllm_sync_with_ray` they go through Ray's object store (and `nccl` on GPUs takes that path
-too). `--async_train` samples the next rollout on the engines while the actor trains. Not built:
-NCCL sync.
+actor update the new weights reach every engine: actor rank 0 broadcasts them
+(`rlhf_ops.generation.weight_sync`) over NCCL from GPU memory (`--vllm_sync_backend nccl`, the
+default; written for GPUs and not yet run on one) or over gloo from host memory (`gloo`, and `nccl`
+on a machine without GPUs), or with `--vllm_sync_with_ray` they go through Ray's object store (as
+`nccl` does under `--colocate_all`, where an engine shares the sender's GPU). `--async_train`
+samples the next rollout on the engines while the actor trains.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class RayOptions:
     placement_timeout: float = opt(60.0, "Seconds to wait for the placement group before failing")
     vllm_num_engines: int = opt(0, "Number of vLLM engines, 0 disables vLLM (the actor generates); each takes a share of every rollout")
     vllm_tensor_parallel_size: int = opt(1, "Tensor parallel size of each vLLM engine: its worker processes (GPUs on a GPU cluster), on one node")
-    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: gloo broadcasts them; nccl is not built yet (gloo on a CPU machine, Ray's object store on GPUs)")
+    vllm_sync_backend: Literal["nccl", "gloo"] = opt("nccl", "Backend for syncing actor weights into vLLM: nccl broadcasts them from GPU memory (gloo on a machine without GPUs, "
+                                                               "Ray's object store with --colocate_all); gloo from host memory")
     vllm_sync_with_ray: bool = opt(False, "Sync vLLM weights through Ray's object store (not ray.util.collective, whose gloo group would take DeepSpeed's default process group)")
     vllm_gpu_memory_utilization: float = opt(0.95, "Fraction of GPU memory a vLLM engine may use (lower it with --colocate_all)")
     vllm_enable_sleep: bool = opt(False, "Put the vLLM engines to sleep (weights to host memory, KV cache freed) between "

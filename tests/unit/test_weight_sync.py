@@ -74,8 +74,25 @@ def test_what_ray_carries_unpacks_to_the_same_broadcast():
 def test_backend_choice():
     assert sync_backend("gloo", on_gpu=False) == sync_backend("gloo", on_gpu=True) == "gloo"
     assert sync_backend("nccl", on_gpu=False) == "gloo"   # no CUDA: the same broadcast over gloo
-    assert sync_backend("nccl", on_gpu=True) == "ray"     # NCCL sync is not built: Ray's object store, with a warning
+    assert sync_backend("nccl", on_gpu=True) == "nccl"
+    # --colocate_all: engine 0 shares actor rank 0's GPU, and NCCL groups one rank per GPU
+    assert sync_backend("nccl", on_gpu=True, shares_gpu=True) == "ray"
+    assert sync_backend("gloo", on_gpu=True, shares_gpu=True) == "gloo"
     assert sync_backend("gloo", on_gpu=False, with_ray=True) == sync_backend("nccl", True, True) == "ray"
+    with pytest.raises(ValueError, match="mpi"):
+        sync_backend("mpi", on_gpu=True)
     with pytest.raises(ValueError):
         from rlhf_ops.generation.vllm_engine import VLLMGenerator
         VLLMGenerator("/nonexistent", None, sync_backend="nccl")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_nccl_ends_refuse_a_machine_without_cuda_before_opening_anything():
+    """Both ends say what nccl needs instead of hanging in a rendezvous or failing inside torch."""
+    with pytest.raises(RuntimeError, match="nccl needs a CUDA GPU.*--vllm_sync_backend gloo"):
+        WeightSender("127.0.0.1", 0, world=2, backend="nccl")
+    # port 9 (discard): the receiver must refuse before it tries to reach any store
+    with pytest.raises(RuntimeError, match="nccl needs a CUDA GPU"):
+        WeightReceiver("127.0.0.1", 9, 1, 2, timeout_s=1, backend="nccl")
+    with pytest.raises(ValueError, match="'gloo' or 'nccl'"):
+        WeightReceiver("127.0.0.1", 9, 1, 2, timeout_s=1, backend="mpi")
