@@ -16,6 +16,7 @@ benchmark loads another's CPU):
 Each writes its own `<name>.json` / `<name>.md`; this script then writes `suite.json` (every
 result, plus the machine, the load before and after each part, and the device) and `suite.md`.
 GPU figures come only from a GPU machine: when there is none, `suite.json` says so and holds none.
+They are measured by `benchmarks/gpu.py` (not part of this suite: it needs CUDA).
 It asserts nothing.
 """
 from __future__ import annotations

@@ -1,0 +1,266 @@
+"""GPU figures (issue 7, item 5): SFT model FLOPs utilisation, an RL step's phases, weight-sync time.
+
+    python benchmarks/gpu.py --out DIR            # on a machine with a CUDA GPU
+    python benchmarks/gpu.py --smoke --out DIR    # the same code on this CPU, tiny model, fp32
+
+On a GPU it builds a randomly initialised Llama of about 0.47B parameters (hidden 1024, 28 layers,
+16 heads, intermediate 4096; the project's own 512-token tokenizer, so the LM head is small) in
+bf16 and measures, each through the project's own entry points:
+
+* **SFT MFU**: `train_sft --pretrain_mode --packing_samples --bf16` on synthetic rows of exactly
+  `--seq_len` tokens, `--batch` rows per optimizer step (one packed micro-batch). Model FLOPs per
+  token are 6 x parameters + 6 x layers x hidden x seq_len (causal attention, forward and
+  backward), divided by the time per step (`seconds` in metrics.jsonl, steps 2..N) and by the
+  card's dense bf16 peak (`--peak_tflops`, or the table below by device name).
+* **RL step**: `train_ppo` with the tiny GRPO preset (HF generation: the CUDA vLLM is not in this
+  script's reach) in bf16, `--generate_max_len` tokens; the step's phases from metrics.jsonl.
+* **Weight sync**: the actor's full weights gathered and packed on the GPU (`full_hf_state_dict`,
+  `pack`), then broadcast by `WeightSender` with backend "nccl" in a group of one (it checks that
+  the NCCL sender runs; NCCL takes one rank per GPU, so a receiving engine needs a second GPU) and
+  with "gloo" to a receiver thread in host memory (the transport an engine on the same machine
+  without a second GPU would get).
+
+`--smoke` runs all of it on the CPU with the 1.1M tiny model in fp32 and a few steps, so the
+script is tested where CI runs; its figures are not GPU figures and are labelled so. Writes
+gpu.json and gpu.md under --out. A benchmark: it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, SXM where there are two
+GPU_MODEL = {"hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_heads": 16, "intermediate_size": 4096,
+             "max_position_embeddings": 4096}
+SMOKE_MODEL = {}  # make_tiny's defaults: hidden 128, 4 layers
+
+
+def _run(argv: list[str], log: Path, env: dict) -> float:
+    t = time.perf_counter()
+    with log.open("w") as f:
+        p = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        raise RuntimeError(f"exit {p.returncode}: {' '.join(argv)}\n{log.read_text()[-4000:]}")
+    return time.perf_counter() - t
+
+
+def _train_rows(ckpt: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def synthetic_rows(path: Path, model: Path, n: int, seq_len: int, seed: int = 0) -> Path:
+    """`n` JSONL rows {"text": ...} of random arithmetic-corpus words, each at least `seq_len` tokens (checked
+    with the model's tokenizer), so that --max_len `seq_len` truncates every row to exactly `seq_len`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rng = random.Random(seed)
+    vocab = [str(i) for i in range(100)] + ["+", "-", "*", "=", "User:", "Assistant:", "the", "answer", "is"]
+    path.mkdir(parents=True, exist_ok=True)
+    with (path / "train.jsonl").open("w") as f:
+        for i in range(n):
+            text = " ".join(rng.choice(vocab) for _ in range(seq_len))
+            if len(tok(text)["input_ids"]) < seq_len:
+                raise RuntimeError(f"synthetic row {i} is shorter than {seq_len} tokens")
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def sft_mfu(work: Path, model: Path, params: int, sizes: dict, a: argparse.Namespace, env: dict, peak: float | None) -> dict:
+    data = synthetic_rows(work / "sft_data", model, a.batch * a.sft_steps, a.seq_len)
+    out = work / "sft"
+    argv = [sys.executable, "-m", "rlhf_ops.cli.train_sft", "--pretrain", str(model), "--dataset", str(data),
+            "--input_key", "text", "--pretrain_mode", "--max_len", str(a.seq_len), "--packing_samples",
+            "--train_batch_size", str(a.batch), "--micro_train_batch_size", str(a.batch), "--max_epochs", "1",
+            "--max_samples", str(a.batch * a.sft_steps), "--learning_rate", "1e-4", "--lr_warmup_ratio", "0",
+            "--logging_steps", "1", "--zero_stage", "0", "--save_path", str(out / "model"),
+            "--ckpt_path", str(out / "ckpt"), *(["--bf16"] if not a.smoke else []), *a.extra_sft]
+    wall = _run(argv, work / "sft.log", env)
+    rows = _train_rows(out / "ckpt")
+    secs = [rows[i]["seconds"] - rows[i - 1]["seconds"] for i in range(1, len(rows))]  # steps 2..N
+    tokens = a.batch * a.seq_len  # every row fills --max_len (truncated), packed into one micro-batch
+    import re
+
+    m = re.search(r"SFT data: (\d+) train rows \((\d+) tokens\)", (work / "sft.log").read_text())
+    if not m or int(m.group(2)) != int(m.group(1)) * a.seq_len:
+        raise RuntimeError(f"train_sft did not report {a.seq_len} tokens per row: {m.group(0) if m else 'no data line'}")
+    L, h = sizes.get("num_layers", 4), sizes.get("hidden_size", 128)
+    flops_per_token = 6 * params + 6 * L * h * a.seq_len
+    step_s = statistics.median(secs)
+    achieved = flops_per_token * tokens / step_s
+    return {"steps": len(rows), "tokens_per_step": tokens, "step_s_median": step_s, "step_s_min": min(secs),
+            "tokens_per_s": tokens / step_s, "flops_per_token": flops_per_token, "achieved_tflops": achieved / 1e12,
+            "mfu": achieved / (peak * 1e12) if peak else None, "peak_tflops": peak, "wall_s": wall,
+            "command": " ".join(["python", *argv[1:]])}
+
+
+def rl_step(work: Path, model: Path, a: argparse.Namespace, env: dict) -> dict:
+    from rlhf_ops.data.prepare import write_dataset
+
+    data = work / "rl_data"
+    write_dataset(data, preset="tiny", seed=42)
+    out = work / "rl"
+    argv = [sys.executable, "-m", "rlhf_ops.cli.train_ppo", "--config", str(ROOT / "params/presets/tiny/rl.yaml"),
+            "--pretrain", str(model), "--prompt_data", str(data / "prompts"),
+            "--reward_func", str(ROOT / "rlhf_ops/rewards/arith.py"), "--max_samples", str(16 * a.rl_steps),
+            "--generate_max_len", str(a.generate_max_len), "--eval_steps", "1000000", "--logging_steps", "1",
+            "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
+            *(["--bf16"] if not a.smoke else []), *a.extra_rl]
+    wall = _run(argv, work / "rl.log", env)
+    rows = _train_rows(out / "ckpt")[1:] or _train_rows(out / "ckpt")  # step 1 warms up
+    step = statistics.median(r["time_step"] for r in rows)
+    phases = {k: statistics.median(r[f"time_{k}"] for r in rows) for k in ("generate", "score", "logprobs", "train")}
+    return {"steps_timed": len(rows), "step_s_median": step, "phase_s_median": phases,
+            "phase_share": {k: v / step for k, v in phases.items()},
+            "response_length": statistics.mean(r["response_length"] for r in rows), "wall_s": wall,
+            "command": " ".join(["python", *argv[1:]])}
+
+
+def weight_sync(model_dir: Path, smoke: bool) -> dict:
+    """Gather + pack on the device, then one broadcast per transport this machine can run."""
+    import torch
+
+    from rlhf_ops.generation.vllm_engine import full_hf_state_dict
+    from rlhf_ops.generation.vllm_server import WeightReceiver
+    from rlhf_ops.generation.weight_sync import WeightSender, pack
+    from rlhf_ops.models.loading import load_causal_lm
+
+    device = "cpu" if smoke else "cuda"
+    model = load_causal_lm(str(model_dir), bf16=not smoke).to(device)
+
+    def timed(fn, reps: int = 3) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    sd = full_hf_state_dict(model, device)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    res: dict = {"bytes": nbytes, "gather_s": timed(lambda: full_hf_state_dict(model, device)),
+                 "pack_s": timed(lambda: pack(sd))}
+    if not smoke:  # NCCL in a group of one: the sender's code path on a real GPU (no receiver: one GPU)
+        sender = WeightSender("127.0.0.1", 0, world=1, backend="nccl")
+        sender.connect()
+        res["nccl_self_broadcast_s"] = timed(lambda: sender.send(sd))
+    sender = WeightSender("127.0.0.1", 0, world=2, backend="gloo")
+    got: dict = {}
+
+    def receive() -> None:
+        try:
+            r = WeightReceiver("127.0.0.1", sender.port, 1, 2, timeout_s=300)
+            got["n"] = [len(r.receive()) for _ in range(3)]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            got["error"] = repr(e)
+
+    th = threading.Thread(target=receive, daemon=True)
+    th.start()
+    sender.connect()
+    res["gloo_to_host_s"] = timed(lambda: sender.send(full_hf_state_dict(model, "cpu")))
+    th.join(timeout=300)
+    if "error" in got or got.get("n") != [len(sd)] * 3:
+        raise RuntimeError(f"gloo receiver: {got}")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--smoke", action="store_true", help="run on the CPU with the tiny model (tests the script)")
+    ap.add_argument("--seq_len", type=int, default=None, help="SFT tokens per row (GPU 2048, smoke 64)")
+    ap.add_argument("--batch", type=int, default=None, help="SFT rows per step (GPU 8, smoke 4)")
+    ap.add_argument("--sft_steps", type=int, default=None, help="GPU 20, smoke 4")
+    ap.add_argument("--rl_steps", type=int, default=None, help="GPU 4, smoke 2")
+    ap.add_argument("--generate_max_len", type=int, default=None, help="GPU 256, smoke 16")
+    ap.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: by name)")
+    ap.add_argument("--parts", default="sft,rl,sync")
+    ap.add_argument("--extra_sft", nargs="*", default=[], help="more train_sft flags (e.g. --flash_attn)")
+    ap.add_argument("--extra_rl", nargs="*", default=[], help="more train_ppo flags")
+    a = ap.parse_args()
+    gpu_defaults = {"seq_len": 2048, "batch": 8, "sft_steps": 20, "rl_steps": 4, "generate_max_len": 256}
+    smoke_defaults = {"seq_len": 64, "batch": 4, "sft_steps": 4, "rl_steps": 2, "generate_max_len": 16}
+    for k, v in (smoke_defaults if a.smoke else gpu_defaults).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+    import torch
+
+    if not a.smoke and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py: no CUDA device here, and GPU figures come only from a GPU; "
+                         "--smoke runs the same code on this CPU with the tiny model")
+    from rlhf_ops.models.tiny import make_tiny
+
+    name = torch.cuda.get_device_name(0) if not a.smoke else "none (--smoke: CPU, tiny model, fp32)"
+    peak = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if not a.smoke else None
+    sizes = SMOKE_MODEL if a.smoke else GPU_MODEL
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)  # keep carried wheels' path
+    env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if a.smoke:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    parts = {p.strip() for p in a.parts.split(",")}
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M %z"), "device": name, "smoke": a.smoke,
+                 "torch": torch.__version__, "model_sizes": sizes or "make_tiny defaults", "args": vars(a) | {"out": str(a.out)}}
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
+        work = Path(tmp)
+        model = make_tiny(work / "model", seed=0, **sizes)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
+        res["params"] = params
+        for part, fn in (("sft", lambda: sft_mfu(work, model, params, sizes, a, env, peak)),
+                         ("rl", lambda: rl_step(work, model, a, env)), ("sync", lambda: weight_sync(model, a.smoke))):
+            if part in parts:
+                print(f"gpu.py: {part} ...", file=sys.stderr, flush=True)
+                res[part] = fn()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n")
+    (a.out / "gpu.md").write_text(report(res) + "\n")
+    print(report(res))
+
+
+def report(r: dict) -> str:
+    lines = [f"# GPU benchmark, {r['date']}", "", f"device: {r['device']}; torch {r['torch']}; model {r['params'] / 1e6:.1f}M "
+             f"parameters ({r['model_sizes']})", ""]
+    if r["smoke"]:
+        lines += ["**--smoke: CPU, tiny fp32 model. These are not GPU figures.**", ""]
+    if "sft" in r:
+        s = r["sft"]
+        mfu = f"{100 * s['mfu']:.1f}% of {s['peak_tflops']:.0f} TFLOP/s" if s["mfu"] is not None else "n/a (no peak known)"
+        lines += ["| SFT | tokens/step | s/step (median) | tokens/s | achieved TFLOP/s | MFU |", "|---|---|---|---|---|---|",
+                  f"| packed, {r['args']['seq_len']} tokens x {r['args']['batch']} rows | {s['tokens_per_step']} | "
+                  f"{s['step_s_median']:.4f} | {s['tokens_per_s']:.0f} | {s['achieved_tflops']:.2f} | {mfu} |", "",
+                  f"`{s['command']}`", ""]
+    if "rl" in r:
+        q = r["rl"]
+        ph = " | ".join(f"{k} {q['phase_s_median'][k]:.3f} s ({100 * q['phase_share'][k]:.0f}%)" for k in q["phase_s_median"])
+        lines += [f"RL step (median of {q['steps_timed']}): {q['step_s_median']:.3f} s; {ph}; mean response "
+                  f"{q['response_length']:.1f} tokens", "", f"`{q['command']}`", ""]
+    if "sync" in r:
+        w = r["sync"]
+        lines += [f"Weight sync of {w['bytes'] / 1e6:.1f} MB: gather {w['gather_s']:.4f} s, pack {w['pack_s']:.4f} s, "
+                  + (f"NCCL self-broadcast (group of one) {w['nccl_self_broadcast_s']:.4f} s, " if "nccl_self_broadcast_s" in w else "")
+                  + f"gloo to a host-memory receiver {w['gloo_to_host_s']:.4f} s (best of 3 each)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""benchmarks/gpu.py, the GPU figures' script, run with --smoke: the same code on this CPU with the tiny
+model, so a session lent a GPU runs a script that already worked end to end. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, out: Path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *args, "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_run_measures_every_part_and_labels_its_figures(tmp_path):
+    p = _run("--smoke", out=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert r["smoke"] is True and r["device"].startswith("none")
+    sft = r["sft"]
+    assert sft["steps"] == 4 and sft["tokens_per_step"] == 4 * 64  # 4 rows of exactly 64 tokens per step
+    assert sft["mfu"] is None and sft["achieved_tflops"] > 0       # no peak is claimed for a CPU
+    assert sft["flops_per_token"] == 6 * r["params"] + 6 * 4 * 128 * 64
+    rl = r["rl"]
+    assert set(rl["phase_s_median"]) == {"generate", "score", "logprobs", "train"}
+    assert all(v >= 0 for v in rl["phase_s_median"].values())
+    assert sum(rl["phase_s_median"].values()) <= rl["step_s_median"] * 1.05  # phases are parts of the step
+    assert 0 < rl["response_length"] <= 16
+    sync = r["sync"]
+    assert sync["bytes"] == 4 * r["params"]                       # fp32: every parameter once
+    assert "nccl_self_broadcast_s" not in sync                    # NCCL is only tried on a GPU
+    md = (tmp_path / "gpu.md").read_text()
+    assert "These are not GPU figures" in md and "train_sft" in md and "train_ppo" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_without_a_gpu_it_refuses_to_produce_gpu_figures(tmp_path):
+    p = _run(out=tmp_path)
+    assert p.returncode != 0 and "no CUDA device here" in p.stderr
+    assert not (tmp_path / "gpu.json").exists()
