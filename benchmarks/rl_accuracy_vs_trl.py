@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rl_vs_trl_") as tmp:
         work = Path(tmp)
         plan = grpo_plan(sft, data, args.steps, work)
-        ours = grpo_ours(sft, data, args.steps, False, work / "ours", args.threads)
+        ours = grpo_ours(sft, data, args.steps, "padded", work / "ours", args.threads)
         trl = grpo_trl(sft, args.steps, work, "trl", args.threads, plan, save_model=work / "trl_model")
         policies = {"SFT (start)": sft, "ours (train_ppo GRPO)": work / "ours" / "model", "TRL GRPOTrainer": work / "trl_model"}
         res = {name: evaluate(path, rows, args.samples) for name, path in policies.items()}

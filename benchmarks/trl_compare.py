@@ -114,12 +114,15 @@ def alternate(repeats: int, ours, trl) -> tuple[list[dict], list[dict]]:
     return o, t
 
 
-def three_way(repeats: int, ours, trl) -> dict[str, list[dict]]:
-    """Our packed and padded runs and TRL's (which has one layout), alternating; TRL always in the middle."""
-    runs: dict[str, list] = {"ours_packed": [], "ours_padded": [], "trl": []}
+def three_way(repeats: int, ours, trl, variants: tuple[str, ...] = ("packed", "padded")) -> dict[str, list[dict]]:
+    """Our runs of each variant (ours(variant, repeat)) and TRL's (which has one layout), alternating: TRL in the
+    middle, our variants' order reversed every repeat."""
+    runs: dict[str, list] = {**{f"ours_{v}": [] for v in variants}, "trl": []}
     for r in range(repeats):
-        for side in (("ours_packed", "trl", "ours_padded") if r % 2 == 0 else ("ours_padded", "trl", "ours_packed")):
-            runs[side].append(strip(trl(r) if side == "trl" else ours(side == "ours_packed", r)))
+        order = [f"ours_{v}" for v in (variants if r % 2 == 0 else variants[::-1])]
+        order.insert(len(order) // 2 if len(order) > 1 else 1, "trl")
+        for side in order:
+            runs[side].append(strip(trl(r) if side == "trl" else ours(side[5:], r)))
             print(f"  {side} repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
     return runs
 
@@ -187,19 +190,19 @@ def main() -> None:
         if "grpo" in only:
             policy = Path(args.rl_model).resolve() if args.rl_model else model
             plan = grpo_plan(policy, data, args.rl_steps, work)
-            print(f"GRPO: {args.rl_steps} RL steps x {args.repeats} (ours packed + padded, TRL)", file=sys.stderr, flush=True)
+            print(f"GRPO: {args.rl_steps} RL steps x {args.repeats} (ours shared prefix, packed, padded; TRL)",
+                  file=sys.stderr, flush=True)
+            variants = ("shared", "packed", "padded")
             runs = three_way(args.repeats,
-                             lambda packed, r: grpo_ours(policy, data, args.rl_steps, packed,
-                                                         work / f"grpo_{'packed' if packed else 'padded'}_ours{r}", th),
-                             lambda r: grpo_trl(policy, args.rl_steps, work, f"grpo_trl{r}", th, plan))
-            for tag in ("packed", "padded"):
+                             lambda v, r: grpo_ours(policy, data, args.rl_steps, v, work / f"grpo_{v}_ours{r}", th),
+                             lambda r: grpo_trl(policy, args.rl_steps, work, f"grpo_trl{r}", th, plan), variants)
+            for tag in variants:
                 res["comparisons"][f"grpo_{tag}"] = {"ours": runs[f"ours_{tag}"], "trl": runs["trl"]}
         if "rm" in only:
             plan = rm_plan(model, data, args.rm_steps, work)
             print(f"RM: {args.rm_steps} steps x {args.repeats} (ours packed + padded, TRL)", file=sys.stderr, flush=True)
             runs = three_way(args.repeats,
-                             lambda packed, r: rm_ours(model, data, args.rm_steps, packed,
-                                                       work / f"rm_{'packed' if packed else 'padded'}_ours{r}", th, plan),
+                             lambda v, r: rm_ours(model, data, args.rm_steps, v == "packed", work / f"rm_{v}_ours{r}", th, plan),
                              lambda r: rm_trl(model, args.rm_steps, work, f"rm_trl{r}", th, plan))
             for tag in ("packed", "padded"):
                 res["comparisons"][f"rm_{tag}"] = {"ours": runs[f"ours_{tag}"], "trl": runs["trl"]}
@@ -223,6 +226,8 @@ HOW = {
     "grpo_packed": "train_ppo group_norm (preset rl.yaml + --packing_samples) vs GRPOTrainer (padded); 16 prompts x 4 "
                    "per RL step, 2 optimizer steps of 32 completions (micro 16); prompts of RL steps 2..N / window",
     "grpo_padded": "as above, ours with --no-packing_samples",
+    "grpo_shared": "as grpo_packed, ours with --prefix_sharing: each micro-batch carries a prompt once for its 4 "
+                   "samples (same losses and gradients; micro-batches take whole prompt groups)",
     "rm_packed": "train_rm (preset rm.yaml + --packing_samples) vs RewardTrainer (padded; it has no packing): the same "
                  "pairs in the same micro-batches of 16 pairs, 32 per step; pairs / window",
     "rm_padded": "train_rm --no-packing_samples vs RewardTrainer: identical padded micro-batches; pairs / window",
@@ -239,7 +244,7 @@ def checks(res: dict) -> list[str]:
         if same:
             out.append(f"{name}: TRL's per-step token counts {'equal' if same == {True} else 'DIFFER from'} ours")
         ids = {x.get("same_prompt_ids") for x in c["trl"]} - {None}
-        if ids and name == "grpo_packed":
+        if ids and name == "grpo_shared":
             out.append(f"GRPO: TRL tokenizes the prompts to {'the same ids as' if ids == {True} else 'DIFFERENT ids from'} ours")
     return out
 
@@ -263,7 +268,7 @@ def render(res: dict) -> str:
         how = HOW[name].format(bins=c.get("trl_batch"))
         lines.append(f"| {name} | {o[key]:.1f} {unit} | {t[key]:.1f} {unit} | **{o[key] / t[key]:.2f}** | {anon_o:.0f} | "
                      f"{anon_t:.0f} | {anon_o / anon_t:.2f} | {rss_o:.0f} / {rss_t:.0f} | {work} | {how} |")
-    grpo = [k for k in ("grpo_packed", "grpo_padded") if k in res["comparisons"]]
+    grpo = [k for k in ("grpo_shared", "grpo_packed", "grpo_padded") if k in res["comparisons"]]
     if grpo:
         lines += ["", "GRPO: share of the RL-step time per phase (best run of each side, RL steps 2..N):", "",
                   "| side | s per RL step | generate | score | logprobs (old + ref) | train | other |",

@@ -281,11 +281,14 @@ def grpo_plan(model: Path, data: Path, steps: int, work: Path) -> dict:
     return {"data": write_jsonl(work / "grpo_prompts.jsonl", rows), "prompt_ids": [ps.ids[i] for i in order]}
 
 
-def grpo_ours(model: Path, data: Path, steps: int, packed: bool, out: Path, threads: int) -> dict:
+GRPO_VARIANTS = {"shared": ["--packing_samples", "--prefix_sharing"], "packed": ["--packing_samples"],
+                 "padded": ["--no-packing_samples"]}
+
+
+def grpo_ours(model: Path, data: Path, steps: int, variant: str, out: Path, threads: int) -> dict:
     flags = ["--config", str(PRESETS / "rl.yaml"), "--pretrain", str(model), "--prompt_data", str(data / "prompts"),
              "--reward_func", str(REWARD), "--max_samples", str(steps * RL["prompts"]), "--logging_steps", "1",
-             "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
-             "--packing_samples" if packed else "--no-packing_samples"]
+             "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *GRPO_VARIANTS[variant]]
     cmd = ours_cmd("rlhf_ops.cli.train_ppo", flags, threads)
     run = run_child(cmd, out.with_suffix(".log"), child_env(threads))
     rows = metrics_rows(out / "ckpt")

@@ -16,7 +16,11 @@ one sample per row) is plain SDPA, unchanged.
 
 Sample boundaries come from the position ids (a position that does not continue its
 predecessor starts a sample, as in flash-attn's varlen path), so callers pass what they pass
-to any HF model. `register()` adds the name to transformers; `load_causal_lm` and
+to any HF model. One extension that flash-attn lacks: a sample whose positions start at s > 0
+(not at a row's start) is a branch that also attends to the first s tokens of the group it
+follows, so the G samples of one prompt can carry the prompt once (`packed_layout`; RL's
+--prefix_sharing). Gathering the shared tokens into each branch's slot makes autograd sum their
+gradients over the branches, as computing them G times would. `register()` adds the name to transformers; `load_causal_lm` and
 `load_value_model` call it and load with it when --flash_attn is off. Saved configs do not record it.
 """
 from __future__ import annotations
@@ -43,9 +47,17 @@ class PackedLayout:
 
 
 def packed_layout(position_ids_BT: torch.Tensor) -> PackedLayout | None:
-    """The layout of the samples in `position_ids_BT`, or None when each row holds one sample."""
+    """The layout of the samples in `position_ids_BT`, or None when each row holds one sample.
+
+    A segment starts wherever a position does not continue its predecessor (and at each row's
+    start). A segment starting at position 0 (or at a row's start) is a sample of its own and opens
+    a group. A segment starting at a position s > 0 elsewhere is a *branch*: its context is the first
+    s tokens of its group (the samples of one prompt sharing one copy of it: `rl.forward.prefix_batch`),
+    which its slot holds ahead of its own tokens.
+    """
     B, T = position_ids_BT.shape
     pos = position_ids_BT.reshape(-1)
+    device = pos.device
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[1:] = pos[1:] != pos[:-1] + 1
     starts[::T] = True  # a sample never spans two rows
@@ -53,13 +65,23 @@ def packed_layout(position_ids_BT: torch.Tensor) -> PackedLayout | None:
     num_samples = int(seg_N[-1]) + 1
     if num_samples == B:
         return None
-    start_idx = torch.nonzero(starts).squeeze(1)
-    lens = torch.diff(start_idx, append=start_idx.new_tensor([pos.numel()]))
-    max_len = int(lens.max())
-    offset_N = torch.arange(pos.numel(), device=pos.device) - start_idx[seg_N]
-    slot_N = seg_N * max_len + offset_N
-    pad_src = torch.zeros(num_samples * max_len, dtype=torch.long, device=pos.device)
-    pad_src[slot_N] = torch.arange(pos.numel(), device=pos.device)
+    start_S = torch.nonzero(starts).squeeze(1)
+    len_S = torch.diff(start_S, append=start_S.new_tensor([pos.numel()]))
+    ctx_S = torch.where(start_S % T == 0, 0, pos[start_S])      # context tokens taken from the group
+    opens_S = ctx_S == 0
+    first_S = torch.nonzero(opens_S).squeeze(1)[opens_S.cumsum(0) - 1]  # the segment that opened each one's group
+    short_S = ctx_S > len_S[first_S]
+    if bool(short_S.any()):
+        bad = int(torch.nonzero(short_S)[0, 0])
+        raise ValueError(f"packed position ids: the sample at token {int(start_S[bad])} starts at position "
+                         f"{int(ctx_S[bad])}, but the sample opening its group holds only {int(len_S[first_S[bad]])} tokens")
+    max_len = int((ctx_S + len_S).max())
+    j_L = torch.arange(max_len, device=device)[None, :]
+    src_SL = torch.where(j_L < ctx_S[:, None], start_S[first_S][:, None] + j_L,
+                         start_S[:, None] + j_L - ctx_S[:, None])
+    pad_src = torch.where(j_L < (ctx_S + len_S)[:, None], src_SL, 0).reshape(-1)
+    offset_N = torch.arange(pos.numel(), device=device) - start_S[seg_N]
+    slot_N = seg_N * max_len + ctx_S[seg_N] + offset_N
     return PackedLayout(num_samples, max_len, pad_src, slot_N)
 
 

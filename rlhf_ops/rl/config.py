@@ -73,6 +73,9 @@ class RLConfig(PromptOptions, LoRAOptions, TrainOptions):
     save_path: str = opt("./ckpt/ppo", "Final actor save path (Hugging Face format)")
     ckpt_path: str = opt("./ckpt/checkpoints_ppo", "Resumable checkpoints (actor, critic, optimizers, data position, RNG, KL controller)")
     packing_samples: bool = opt(False, "Pack each micro-batch into one row in the training and scoring forwards")
+    prefix_sharing: bool = opt(False, "With --packing_samples, the samples of one prompt in a micro-batch carry it once "
+                                      "(attention reads it from each); training micro-batches then take whole prompt "
+                                      "groups. Same losses and gradients, fewer tokens; not with --flash_attn")
     use_rollout_logprobs: bool = opt(False, "PPO old logprobs from the sampler (HF generate records them) instead of a "
                                             "second actor forward; same weights and fp32: equal within ~1e-6")
     async_train: bool = opt(False, "Sample the next rollout while the current one trains (one update of policy lag "
@@ -93,6 +96,10 @@ class RLConfig(PromptOptions, LoRAOptions, TrainOptions):
               f"--advantage_estimator {self.advantage_estimator} compares samples within a group and needs "
               "--n_samples_per_prompt > 1 (with 1 every advantage would be zero)")
         check(not self.dynamic_filtering or n > 1, "dynamic_filtering", "needs --n_samples_per_prompt > 1")
+        check(not self.prefix_sharing or self.packing_samples, "prefix_sharing", "needs --packing_samples (a shared "
+              "prompt lives in a packed row)")
+        check(not self.prefix_sharing or not self.flash_attn, "prefix_sharing", "is not supported with --flash_attn: "
+              "flash-attn's varlen kernel cannot read a sample that continues another's prompt")
         samples = self.rollout_batch_size * n
         check(self.rollout_batch_size > 0, "rollout_batch_size", "must be > 0")
         check(samples % self.train_batch_size == 0, "rollout_batch_size",

@@ -68,7 +68,7 @@ class Models:
         from rlhf_ops.distributed.device import param_device
 
         return forward_all(fn, sequences, prompt_lens, self.pad_id, cfg.micro_rollout_batch_size, cfg.packing_samples,
-                           param_device(model))
+                           param_device(model), cfg.prefix_sharing)
 
     def old_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], cfg: Any) -> torch.Tensor:
         """logp_N of the actor, in eval mode (no dropout) as the samples were drawn (a forward; with
@@ -121,11 +121,12 @@ def sample(models: Models, prompts: PromptSet, idx: Sequence[int], n: int, param
 
 @torch.no_grad()
 def forward_all(fn: Callable[[Any], torch.Tensor], sequences: list[list[int]], prompt_lens: list[int],
-                pad_id: int, micro: int, packed: bool, device: torch.device | None = None) -> torch.Tensor:
+                pad_id: int, micro: int, packed: bool, device: torch.device | None = None,
+                share_prefix: bool = False) -> torch.Tensor:
     """Concatenate fn(batch on `device`) -> per-action values over micro-batches: [N] in row-major order, on the CPU."""
     out = []
     for i in range(0, len(sequences), micro):
-        b = response_batch(sequences[i:i + micro], prompt_lens[i:i + micro], pad_id, packed)
+        b = response_batch(sequences[i:i + micro], prompt_lens[i:i + micro], pad_id, packed, share_prefix)
         out.append(fn(b if device is None else b.to(device)).float().cpu())
     return torch.cat(out)
 

@@ -20,7 +20,7 @@ def _micro(exp: Experience, idx: list[int], pad_id: int, cfg: Any, device: Any):
     resp = [exp.response_lens[i] for i in idx]
     T = max(resp)
     batch = response_batch([exp.sequences[i] for i in idx], [exp.prompt_lens[i] for i in idx], pad_id,
-                           cfg.packing_samples).to(device)
+                           cfg.packing_samples, cfg.prefix_sharing).to(device)
     take = lambda t: None if t is None else t[idx, :T].to(device)  # noqa: E731
     return batch, resp, take
 
@@ -84,11 +84,15 @@ MicroBatch = tuple[list[int], float]  # (experience rows, loss scale)
 def plan_updates(resp_lens: list[int], cfg: Any, seed: int) -> list[list[MicroBatch]]:
     """The optimizer steps of --max_epochs passes over an experience of len(resp_lens) rows: each a
     shuffled --train_batch_size slice cut into --micro_train_batch_size micro-batches, with their
-    loss scales (`token_mean_scales`; Dr. GRPO's constant normaliser needs no rescaling)."""
+    loss scales (`token_mean_scales`; Dr. GRPO's constant normaliser needs no rescaling). With
+    --prefix_sharing the prompt groups (rows p*G..p*G+G-1) are shuffled instead of the rows."""
     g = torch.Generator().manual_seed(seed)
-    mb, steps = cfg.micro_train_batch_size, []
+    mb, steps, G = cfg.micro_train_batch_size, [], cfg.n_samples_per_prompt
     for _ in range(cfg.max_epochs):
-        order = torch.randperm(len(resp_lens), generator=g).tolist()
+        if cfg.prefix_sharing and len(resp_lens) % G == 0:  # whole groups, so their samples share the prompt
+            order = [k * G + j for k in torch.randperm(len(resp_lens) // G, generator=g).tolist() for j in range(G)]
+        else:
+            order = torch.randperm(len(resp_lens), generator=g).tolist()
         for start in range(0, len(order), cfg.train_batch_size):
             step = order[start:start + cfg.train_batch_size]
             micro = [step[i:i + mb] for i in range(0, len(step), mb)]

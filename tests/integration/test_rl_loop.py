@@ -133,6 +133,29 @@ def test_zero_stages_give_the_same_actor_and_critic(model_dir, rm_dir, builtin_d
     assert metrics(tmp_path / "z3") and all(r["kl"] != 0 for r in metrics(tmp_path / "z3")[1:])
 
 
+@pytest.mark.slow
+def test_prefix_sharing_gives_the_same_actor_and_critic(model_dir, rm_dir, builtin_data_dir, tmp_path):
+    """--prefix_sharing changes which tokens are computed, not the maths: with one optimizer step per RL step
+    (the micro-batch partition then does not change the gradient), PPO with a critic, a reference and a
+    reward model ends where the unshared packed run ends."""
+    opts = dict(advantage_estimator="gae", init_kl_coef=0.05, reward_pretrain=rm_dir, save_value_network=True,
+                packing_samples=True, micro_rollout_batch_size=4)
+    train(options(model_dir, builtin_data_dir, tmp_path / "plain", **opts))
+    train(options(model_dir, builtin_data_dir, tmp_path / "shared", prefix_sharing=True, **opts))
+    for sub in ("actor", "actor_critic"):
+        ref, got = weights(tmp_path / "plain" / sub), weights(tmp_path / "shared" / sub)
+        assert ref.keys() == got.keys()
+        for k in ref:  # an Adam step moves an element by up to lr = 1e-3; fp32 summation order, magnified
+            # by Adam on near-zero gradients, left one element of 2048 1.3e-6 apart here
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=lambda m: f"{sub} {k}: {m}")
+    plain, shared = metrics(tmp_path / "plain"), metrics(tmp_path / "shared")
+    assert [r["step"] for r in shared] == [1, 2]
+    for a, b in zip(plain, shared):
+        for k in ("reward", "kl", "response_length"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    assert max_change(weights(tmp_path / "shared" / "actor"), weights(model_dir), weights(model_dir)) > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------- 2. resume
 
 
@@ -277,7 +300,8 @@ def test_rollout_logprobs_recorded_while_sampling_equal_the_actor_forward(model_
     comps = gen.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=12, top_p=0.9, seed=3))
     seqs, plens = [p + c for p, c in zip(prompts, comps)], [len(p) for p in prompts]
     assert len(gen.rollout_logprobs) == len({tuple(s) for s in seqs})
-    cfg = SimpleNamespace(temperature=0.7, micro_rollout_batch_size=4, packing_samples=False, flash_attn=False)
+    cfg = SimpleNamespace(temperature=0.7, micro_rollout_batch_size=4, packing_samples=False, prefix_sharing=False,
+                          flash_attn=False)
     models = Models(model, None, None, gen, None, tok.pad_token_id)
     forward = models.old_logprobs(seqs, plens, cfg)
     recorded = rollout_logprobs(gen, seqs, plens)
