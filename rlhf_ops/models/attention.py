@@ -20,8 +20,9 @@ to any HF model. One extension that flash-attn lacks: a sample whose positions s
 (not at a row's start) is a branch that also attends to the first s tokens of the group it
 follows, so the G samples of one prompt can carry the prompt once (`packed_layout`; RL's
 --prefix_sharing). Gathering the shared tokens into each branch's slot makes autograd sum their
-gradients over the branches, as computing them G times would. `register()` adds the name to transformers; `load_causal_lm` and
-`load_value_model` call it and load with it when --flash_attn is off. Saved configs do not record it.
+gradients over the branches, as computing them G times would. `register()` adds the name to
+transformers; `load_causal_lm` and `load_value_model` call it and load with it when --flash_attn
+is off. Saved configs do not record it.
 """
 from __future__ import annotations
 
