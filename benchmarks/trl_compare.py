@@ -200,11 +200,11 @@ def main() -> None:
                 res["comparisons"][f"grpo_{tag}"] = {"ours": runs[f"ours_{tag}"], "trl": runs["trl"]}
         if "rm" in only:
             plan = rm_plan(model, data, args.rm_steps, work)
-            print(f"RM: {args.rm_steps} steps x {args.repeats} (ours packed + padded, TRL)", file=sys.stderr, flush=True)
+            print(f"RM: {args.rm_steps} steps x {args.repeats} (ours shared prefix, packed, padded; TRL)", file=sys.stderr, flush=True)
             runs = three_way(args.repeats,
-                             lambda v, r: rm_ours(model, data, args.rm_steps, v == "packed", work / f"rm_{v}_ours{r}", th, plan),
-                             lambda r: rm_trl(model, args.rm_steps, work, f"rm_trl{r}", th, plan))
-            for tag in ("packed", "padded"):
+                             lambda v, r: rm_ours(model, data, args.rm_steps, v, work / f"rm_{v}_ours{r}", th, plan),
+                             lambda r: rm_trl(model, args.rm_steps, work, f"rm_trl{r}", th, plan), ("shared", "packed", "padded"))
+            for tag in ("shared", "packed", "padded"):
                 res["comparisons"][f"rm_{tag}"] = {"ours": runs[f"ours_{tag}"], "trl": runs["trl"]}
     res["loadavg_end"] = os.getloadavg()
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
@@ -231,6 +231,8 @@ HOW = {
     "rm_packed": "train_rm (preset rm.yaml + --packing_samples) vs RewardTrainer (padded; it has no packing): the same "
                  "pairs in the same micro-batches of 16 pairs, 32 per step; pairs / window",
     "rm_padded": "train_rm --no-packing_samples vs RewardTrainer: identical padded micro-batches; pairs / window",
+    "rm_shared": "as rm_packed, ours with --prefix_sharing: each rejected side carries only what follows the tokens it "
+                 "shares with the chosen side (same rewards and gradients)",
 }
 
 

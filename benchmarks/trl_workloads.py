@@ -204,7 +204,7 @@ RM_BATCH, RM_MICRO = 32, 16  # params/presets/tiny/rm.yaml: train 32, micro 16, 
 
 def rm_plan(model: Path, data: Path, steps: int, work: Path) -> dict:
     from rlhf_ops.data.batching import epoch_micro_batches
-    from rlhf_ops.data.preference import build_preference_set
+    from rlhf_ops.data.preference import build_preference_set, shared_pair_row
     from rlhf_ops.models.loading import load_tokenizer
     from rlhf_ops.trainers.rm import RMConfig
 
@@ -217,18 +217,24 @@ def rm_plan(model: Path, data: Path, steps: int, work: Path) -> dict:
         raise SystemExit(f"trl_compare: {n - len(ps)} preference pairs were dropped; use fewer --rm_steps")
     rows = [{"chosen_ids": ps.chosen_ids[i], "rejected_ids": ps.rejected_ids[i]} for mb in mbs for i in mb]
     real = [sum(len(ps.chosen_ids[i]) + len(ps.rejected_ids[i]) for i in mb) for mb in mbs]
+    shared = [shared_pair_row([ps.chosen_ids[i] for i in mb], [ps.rejected_ids[i] for i in mb])[0].input_ids_BT.numel()
+              for mb in mbs]
     padded = [2 * len(mb) * max(max(len(ps.chosen_ids[i]), len(ps.rejected_ids[i])) for i in mb) for mb in mbs]
     k = RM_BATCH // RM_MICRO
     return {"data": write_jsonl(work / "rm_rows.jsonl", rows),
             "real_per_step": [sum(real[i:i + k]) for i in range(0, len(real), k)],
+            "shared_per_step": [sum(shared[i:i + k]) for i in range(0, len(shared), k)],
             "padded_per_step": [sum(padded[i:i + k]) for i in range(0, len(padded), k)]}
 
 
-def rm_ours(model: Path, data: Path, steps: int, packed: bool, out: Path, threads: int, plan: dict) -> dict:
+RM_VARIANTS = {"shared": (["--packing_samples", "--prefix_sharing"], "shared_per_step"),
+               "packed": (["--packing_samples"], "real_per_step"), "padded": (["--no-packing_samples"], "padded_per_step")}
+
+
+def rm_ours(model: Path, data: Path, steps: int, variant: str, out: Path, threads: int, plan: dict) -> dict:
     flags = ["--config", str(PRESETS / "rm.yaml"), "--pretrain", str(model), "--dataset", str(data / "preference"),
              "--max_samples", str(steps * RM_BATCH), "--max_epochs", "1", "--logging_steps", "1", "--eval_steps", "-1",
-             "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
-             "--packing_samples" if packed else "--no-packing_samples"]
+             "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *RM_VARIANTS[variant][0]]
     cmd = ours_cmd("rlhf_ops.cli.train_rm", flags, threads)
     run = run_child(cmd, out.with_suffix(".log"), child_env(threads))
     rows = metrics_rows(out / "ckpt")
@@ -237,7 +243,7 @@ def rm_ours(model: Path, data: Path, steps: int, packed: bool, out: Path, thread
     pairs = RM_BATCH * (steps - 1)
     return {**run, "seconds": secs, "pairs": pairs, "pairs_per_s": pairs / secs,
             "tokens_per_step": statistics.mean(plan["real_per_step"]),
-            "computed_tokens_per_step": statistics.mean(plan["real_per_step" if packed else "padded_per_step"]),
+            "computed_tokens_per_step": statistics.mean(plan[RM_VARIANTS[variant][1]]),
             "threads": threads_reported(out.with_suffix(".log")), "cmd": shlex.join(cmd)}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from rlhf_ops.config import check, opt
 
@@ -125,3 +125,11 @@ def validate_lora(cfg: LoRAOptions) -> None:
     check(cfg.lora_alpha > 0, "lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
     check(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
     check(not cfg.load_in_4bit or cfg.lora_rank > 0, "load_in_4bit", "QLoRA needs --lora_rank > 0")
+
+
+def validate_prefix_sharing(cfg: Any) -> None:
+    """--prefix_sharing needs a packed row, and a kernel that reads branches (`models.attention`)."""
+    check(not cfg.prefix_sharing or cfg.packing_samples, "prefix_sharing",
+          "needs --packing_samples (a shared prompt lives in a packed row)")
+    check(not cfg.prefix_sharing or not cfg.flash_attn, "prefix_sharing", "is not supported with --flash_attn: "
+          "flash-attn's varlen kernel cannot read a sample that continues another's prompt")

@@ -137,20 +137,53 @@ class PairBatch:
 
     batch: 2P samples, chosen rows [0, P) then rejected rows [P, 2P) (padded or packed).
     margin_P: [P] float32 margins, or None.
+    last_index_S: [2P] where each sample's last token sits in the packed row when the pairs share
+        their common prefix (`shared_pair_row`), chosen then rejected; None otherwise.
     """
     batch: Batch
     num_pairs: int
     margin_P: torch.Tensor | None = None
+    last_index_S: torch.Tensor | None = None
+
+
+def shared_pair_row(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]) -> tuple[Batch, torch.Tensor]:
+    """One packed row in which each pair's rejected side carries only what follows the tokens it shares
+    with the chosen side (their common prefix: the prompt, at least), with positions continuing that
+    prefix, so `models.attention.packed_layout` attends it to the shared tokens (RM --prefix_sharing).
+    Returns the batch (no targets: a reward model reads last tokens) and each sample's last-token index,
+    chosen then rejected. A rejected side keeps at least its own last token."""
+    ids: list[int] = []
+    pos: list[int] = []
+    last_c: list[int] = []
+    last_r: list[int] = []
+    for c, r in zip(chosen, rejected):
+        k = 0
+        while k < min(len(c), len(r) - 1) and c[k] == r[k]:
+            k += 1
+        ids += c
+        pos += range(len(c))
+        last_c.append(len(ids) - 1)
+        ids += r[k:]
+        pos += range(k, len(r))
+        last_r.append(len(ids) - 1)
+    ids_1T = torch.tensor(ids, dtype=torch.long)[None]
+    batch = Batch(ids_1T, torch.tensor(pos, dtype=torch.long)[None], None, torch.full_like(ids_1T, -100),
+                  [len(x) for x in (*chosen, *rejected)])
+    return batch, torch.tensor(last_c + last_r, dtype=torch.long)
 
 
 def pair_batch(data: PreferenceSet, indices: Sequence[int], pad_id: int, *, packed: bool,
-               device: Any) -> PairBatch:
-    ids = [data.chosen_ids[i] for i in indices] + [data.rejected_ids[i] for i in indices]
-    masks = [data.chosen_mask[i] for i in indices] + [data.rejected_mask[i] for i in indices]
-    batch = collate(ids, masks, pad_id, packed=packed).to(device)
+               device: Any, share_prefix: bool = False) -> PairBatch:
+    """`share_prefix` (reward models only: the row has no targets): `shared_pair_row`."""
     margin = None
     if data.margins is not None:
         margin = torch.tensor([data.margins[i] for i in indices], dtype=torch.float32, device=device)
+    if share_prefix:
+        batch, last_S = shared_pair_row([data.chosen_ids[i] for i in indices], [data.rejected_ids[i] for i in indices])
+        return PairBatch(batch.to(device), len(indices), margin, last_S.to(device))
+    ids = [data.chosen_ids[i] for i in indices] + [data.rejected_ids[i] for i in indices]
+    masks = [data.chosen_mask[i] for i in indices] + [data.rejected_mask[i] for i in indices]
+    batch = collate(ids, masks, pad_id, packed=packed).to(device)
     return PairBatch(batch, len(indices), margin)
 
 
@@ -159,8 +192,8 @@ def split_pairs(x_S: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, torch.
     return x_S[:num_pairs], x_S[num_pairs:]
 
 
-def pair_batch_maker(data: PreferenceSet, pad_id: int, *, packed: bool, device: Any):
+def pair_batch_maker(data: PreferenceSet, pad_id: int, *, packed: bool, device: Any, share_prefix: bool = False):
     """`make_batch(indices) -> PairBatch` for the shared loop."""
     def make(indices: list[int]) -> PairBatch:
-        return pair_batch(data, indices, pad_id, packed=packed, device=device)
+        return pair_batch(data, indices, pad_id, packed=packed, device=device, share_prefix=share_prefix)
     return make

@@ -124,8 +124,11 @@ def last_token_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(lens_S), lens_S.cumsum(0) - 1
 
 
-def sequence_rewards(values_BT: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """[S] the value at each sample's last token (the reward of a reward model)."""
+def sequence_rewards(values_BT: torch.Tensor, batch: Batch, last_index_S: torch.Tensor | None = None) -> torch.Tensor:
+    """[S] the value at each sample's last token (the reward of a reward model); `last_index_S`: those
+    tokens' places in a packed row whose samples share tokens (`data.preference.shared_pair_row`)."""
+    if last_index_S is not None:
+        return values_BT[0, last_index_S.to(values_BT.device)]
     rows_S, cols_S = last_token_positions(batch)
     return values_BT[rows_S.to(values_BT.device), cols_S.to(values_BT.device)]
 

@@ -12,7 +12,8 @@ from typing import Literal, Optional
 from rlhf_ops.config import check, opt
 import os
 
-from rlhf_ops.options import LoRAOptions, TrainOptions, check_model_path, validate_lora, validate_train
+from rlhf_ops.options import (LoRAOptions, TrainOptions, check_model_path, validate_lora, validate_prefix_sharing,
+                              validate_train)
 
 Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
 GROUP_ESTIMATORS = ("reinforce_baseline", "rloo", "group_norm", "dr_grpo")
@@ -96,10 +97,7 @@ class RLConfig(PromptOptions, LoRAOptions, TrainOptions):
               f"--advantage_estimator {self.advantage_estimator} compares samples within a group and needs "
               "--n_samples_per_prompt > 1 (with 1 every advantage would be zero)")
         check(not self.dynamic_filtering or n > 1, "dynamic_filtering", "needs --n_samples_per_prompt > 1")
-        check(not self.prefix_sharing or self.packing_samples, "prefix_sharing", "needs --packing_samples (a shared "
-              "prompt lives in a packed row)")
-        check(not self.prefix_sharing or not self.flash_attn, "prefix_sharing", "is not supported with --flash_attn: "
-              "flash-attn's varlen kernel cannot read a sample that continues another's prompt")
+        validate_prefix_sharing(self)
         samples = self.rollout_batch_size * n
         check(self.rollout_batch_size > 0, "rollout_batch_size", "must be > 0")
         check(samples % self.train_batch_size == 0, "rollout_batch_size",

@@ -25,7 +25,8 @@ from rlhf_ops.config import check, opt
 from rlhf_ops.data.preference import (PairBatch, PreferenceOptions, PreferenceSet, build_preference_set,
                                       pair_batch_maker, split_pairs, validate_preference)
 from rlhf_ops.models.reward import HEAD, check_value_head_prefix
-from rlhf_ops.options import DataOptions, LoRAOptions, TrainOptions, validate_data, validate_lora, validate_train
+from rlhf_ops.options import (DataOptions, LoRAOptions, TrainOptions, validate_data, validate_lora,
+                              validate_prefix_sharing, validate_train)
 from rlhf_ops.trainers.loop import Metrics, SupervisedLoop
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class RMConfig(PreferenceOptions, LoRAOptions, DataOptions, TrainOptions):
     """Reward-model training on preference pairs (python -m rlhf_ops.cli.train_rm)."""
     margin_key: Optional[str] = opt(None, "JSON key of a per-pair margin m: loss = -logsigmoid(r_chosen - r_rejected - m) (Llama 2); None: no margin")
     value_head_prefix: str = opt(HEAD, "Name of the value head in the saved state dict; 'score' loads with AutoModelForSequenceClassification")
+    prefix_sharing: bool = opt(False, "With --packing_samples, each pair's rejected side carries only what follows "
+                                      "the tokens it shares with the chosen side (the prompt): same rewards and "
+                                      "gradients, fewer tokens; not with --flash_attn")
     loss: Literal["sigmoid", "logexp"] = opt("sigmoid", "Pairwise loss: sigmoid = -logsigmoid(diff), logexp = log(1 + exp(-diff)) (equal maths; OpenRLHF's names)")
     save_path: str = opt("./ckpt/rm", "Final Hugging Face model save path")
     ckpt_path: str = opt("./ckpt/checkpoints_rm", "Directory of resumable DeepSpeed checkpoints")
@@ -47,6 +51,7 @@ class RMConfig(PreferenceOptions, LoRAOptions, DataOptions, TrainOptions):
         validate_lora(self)
         validate_preference(self)
         check_value_head_prefix(self.value_head_prefix)
+        validate_prefix_sharing(self)
         check(self.lora_rank == 0 or self.value_head_prefix == HEAD, "value_head_prefix",
               f"must be {HEAD!r} with --lora_rank > 0 (the PEFT adapter stores the head as {HEAD!r})")
 
@@ -66,7 +71,7 @@ def rm_step(model: torch.nn.Module, pb: PairBatch, kind: str = "sigmoid") -> tup
     from rlhf_ops.algos.preference import pairwise_reward_loss
     from rlhf_ops.models.reward import sequence_rewards, token_values
 
-    rewards_S = sequence_rewards(token_values(model, pb.batch), pb.batch)
+    rewards_S = sequence_rewards(token_values(model, pb.batch), pb.batch, pb.last_index_S)
     chosen_P, rejected_P = split_pairs(rewards_S, pb.num_pairs)
     out = pairwise_reward_loss(chosen_P, rejected_P, pb.margin_P, kind)
     metrics = pair_metrics(out.loss, chosen_P, rejected_P)
@@ -145,7 +150,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
                              load_in_4bit=cfg.load_in_4bit, pad_token_id=tokenizer.pad_token_id)
     model = apply_lora(model, cfg, task_type="SEQ_CLS", modules_to_save=[HEAD])
     engine = create_engine(model, cfg, steps_per_epoch(len(train), cfg.train_batch_size) * cfg.max_epochs)
-    kw = dict(packed=cfg.packing_samples, device=engine.module.device)
+    kw = dict(packed=cfg.packing_samples, device=engine.module.device, share_prefix=cfg.prefix_sharing)
     data = LoopData(len(train), pair_batch_maker(train, tokenizer.pad_token_id, **kw),
                     n_eval, pair_batch_maker(evals, tokenizer.pad_token_id, **kw))
     metrics = run_metrics(cfg, rank)

@@ -98,3 +98,43 @@ def test_training_micro_batches_take_whole_prompt_groups(tmp_path):
     assert micro[:6] != micro[6:]                                                          # reshuffled each epoch
     rows = [idx for step in plan_updates(lens, RLConfig(**kw), seed=0) for idx, _ in step]
     assert any(len({i // 4 for i in m}) > 1 for m in rows)  # without sharing, rows are shuffled one by one
+
+
+# ---------------------------------------------------------------------------------------------- reward model
+
+CHOSEN = [[1, 9, 8, 7, 30, 31, 2], [1, 40, 41, 50, 2], [1, 5, 6, 2]]
+REJECTED = [[1, 9, 8, 7, 33, 2], [1, 40, 41, 50, 51, 2], [1, 5, 6]]  # 2nd: chosen + more; 3rd: a prefix of chosen
+
+
+def test_shared_pair_row_layout():
+    from rlhf_ops.data.preference import shared_pair_row
+
+    b, last = shared_pair_row(CHOSEN, REJECTED)
+    assert b.input_ids_BT[0].tolist() == [1, 9, 8, 7, 30, 31, 2, 33, 2, 1, 40, 41, 50, 2, 51, 2, 1, 5, 6, 2, 6]
+    assert b.position_ids_BT[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 5, 0, 1, 2, 3, 4, 4, 5, 0, 1, 2, 3, 2]
+    assert last.tolist() == [6, 13, 19, 8, 15, 20]  # chosen then rejected; the 3rd rejected keeps its last token
+    assert b.seq_lens == [len(x) for x in CHOSEN + REJECTED]
+
+
+def test_reward_model_rewards_loss_and_gradients_equal_the_unshared_batch(tiny_model_dir):
+    from rlhf_ops.data.batching import collate
+    from rlhf_ops.data.preference import PairBatch, shared_pair_row
+    from rlhf_ops.models.reward import load_value_model
+    from rlhf_ops.trainers.rm import rm_step
+
+    rm = load_value_model(str(tiny_model_dir)).train()
+    plain = PairBatch(collate(CHOSEN + REJECTED, [[1] * len(x) for x in CHOSEN + REJECTED], 0, packed=True), 3)
+    shared = PairBatch(*shared_pair_row(CHOSEN, REJECTED)[:1], 3, None, shared_pair_row(CHOSEN, REJECTED)[1])
+    assert shared.batch.input_ids_BT.numel() < plain.batch.input_ids_BT.numel()
+    out = {}
+    for name, pb in (("plain", plain), ("shared", shared)):
+        rm.zero_grad()
+        loss, m = rm_step(rm, pb)
+        loss.backward()
+        out[name] = (loss.detach(), m, {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(out["shared"][0], out["plain"][0], rtol=1e-5, atol=1e-6)
+    for k in ("chosen_reward", "rejected_reward", "margin"):
+        assert out["shared"][1][k][0] == pytest.approx(out["plain"][1][k][0], rel=1e-4, abs=1e-6), k
+    assert out["plain"][2].keys() == out["shared"][2].keys() and len(out["plain"][2]) > 10
+    for n in out["plain"][2]:
+        torch.testing.assert_close(out["shared"][2][n], out["plain"][2][n], rtol=1e-4, atol=1e-6, msg=n)
