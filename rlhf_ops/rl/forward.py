@@ -91,7 +91,7 @@ def _where_and_targets(batch: Batch | PrefixBatch) -> tuple[torch.Tensor, torch.
     return sel_BT, batch.targets_BT[sel_BT]
 
 
-def action_logprobs(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
+def action_logprobs(model: torch.nn.Module, batch: Batch | PrefixBatch, temperature: float = 1.0,
                     with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp_N, entropy_N or None) at the N action positions, row-major.
 
@@ -111,7 +111,7 @@ def action_logprobs(model: torch.nn.Module, batch: Batch, temperature: float = 1
     return logp_N, entropy_N
 
 
-def action_values(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def action_values(model: torch.nn.Module, batch: Batch | PrefixBatch) -> torch.Tensor:
     """values_N: the critic's value at the position predicting each action."""
     from rlhf_ops.models.reward import token_values
 
