@@ -49,10 +49,14 @@ def target_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor,
     """(logp_N, sel_BT): log p(target) at the N target positions (row-major), and where they are.
 
     The forward goes through `model(...)` (for a DeepSpeed engine: `engine.forward`, which its
-    backward needs) with `logits_to_keep` as a boolean mask, so the head runs at targets only.
+    backward needs) with `logits_to_keep` as a boolean mask, so the head runs at targets only, and
+    so does the last layer's MLP (`models.rows`).
     """
+    from rlhf_ops.models.rows import only_rows
+
     sel_BT = batch.targets_BT != -100
-    logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=sel_BT).logits
+    with only_rows(sel_BT):
+        logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=sel_BT).logits
     logp_N = -F.cross_entropy(logits_NV.float(), batch.targets_BT[sel_BT], reduction="none")
     return logp_N, sel_BT
 

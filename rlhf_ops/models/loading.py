@@ -66,6 +66,11 @@ def load_causal_lm(path: str, *, bf16: bool = False, flash_attn: bool = False, u
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"--pretrain {path}: could not load a model ({str(e).splitlines()[0]})") from e
+    if not use_liger_kernel:
+        from rlhf_ops.models.rope import patch
+        patch(model)  # bitwise-equal RoPE in fewer kernels (Liger brings its own)
+    from rlhf_ops.models.rows import install
+    install(model)  # the last layer's MLP at the rows a loss reads, inside rows.only_rows
     model.config.use_cache = False
     return model.train()
 

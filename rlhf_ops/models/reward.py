@@ -73,6 +73,10 @@ def load_value_model(path: str, *, value_head_prefix: str = HEAD, bf16: bool = F
         model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"{path}: could not load a model ({str(e).splitlines()[0]})") from e
+    from rlhf_ops.models.rope import patch
+    from rlhf_ops.models.rows import install
+    patch(model)  # bitwise-equal RoPE in fewer kernels
+    install(model)  # the last layer's MLP at the rows read, inside rows.only_rows (token_values' rows_BT)
     model.config.use_cache = False
     model.config.value_head_prefix = value_head_prefix
     if pad_token_id is not None:
@@ -94,22 +98,30 @@ def init_head(model: torch.nn.Module, std: float) -> None:
         weight.normal_(0.0, std)
 
 
-def token_values(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def token_values(model: torch.nn.Module, batch: Batch, rows_BT: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] float32: the head applied to the last hidden state at every position.
 
     Calls `model(...)` itself (HF forward, PEFT wrapper or DeepSpeed engine) and reads the head's
     output through a forward hook, so training through a DeepSpeed engine keeps the engine's
     forward hooks; the pooled logits HF also returns cost one gather and are ignored.
+    `rows_BT` ([B, T] bool): the only positions the caller reads. The last layer's MLP then runs
+    there only (`models.rows`), and every other position holds NaN, so that reading one fails loudly.
     """
+    from rlhf_ops.models.rows import only_rows
+
     captured: list[torch.Tensor] = []
     handle = getattr(unwrap(model), HEAD).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        model(**batch.model_inputs(), use_cache=False)
+        with only_rows(rows_BT):
+            model(**batch.model_inputs(), use_cache=False)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected the value head to run once per forward, it ran {len(captured)} times")
-    return captured[0].squeeze(-1).float()
+    values_BT = captured[0].squeeze(-1).float()
+    if rows_BT is not None:
+        values_BT = values_BT.masked_fill(~rows_BT.to(values_BT.device), float("nan"))
+    return values_BT
 
 
 def last_token_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +143,19 @@ def sequence_rewards(values_BT: torch.Tensor, batch: Batch, last_index_S: torch.
         return values_BT[0, last_index_S.to(values_BT.device)]
     rows_S, cols_S = last_token_positions(batch)
     return values_BT[rows_S.to(values_BT.device), cols_S.to(values_BT.device)]
+
+
+def sequence_scores(model: torch.nn.Module, batch: Batch, last_index_S: torch.Tensor | None = None) -> torch.Tensor:
+    """[S] a reward model's score of each sample: `sequence_rewards` of `token_values`, with the last
+    layer's MLP run at the samples' last tokens only."""
+    B, T = batch.input_ids_BT.shape
+    rows_BT = torch.zeros(B, T, dtype=torch.bool, device=batch.input_ids_BT.device)
+    if last_index_S is not None:
+        rows_BT[0, last_index_S.to(rows_BT.device)] = True
+    else:
+        rows_S, cols_S = last_token_positions(batch)
+        rows_BT[rows_S.to(rows_BT.device), cols_S.to(rows_BT.device)] = True
+    return sequence_rewards(token_values(model, batch, rows_BT), batch, last_index_S)
 
 
 def set_reward_stats(model: torch.nn.Module, mean: float, std: float) -> None:

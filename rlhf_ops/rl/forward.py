@@ -91,14 +91,24 @@ def _where_and_targets(batch: Batch | PrefixBatch) -> tuple[torch.Tensor, torch.
     return sel_BT, batch.targets_BT[sel_BT]
 
 
+def _rows(where: torch.Tensor, batch: Batch | PrefixBatch) -> torch.Tensor:
+    """[B, T] bool: the positions `where` selects (a mask already, or a PrefixBatch's index list)."""
+    from rlhf_ops.models.rows import rows_at
+
+    return where if where.dtype == torch.bool else rows_at(where, batch.input_ids_BT.shape)
+
+
 def action_logprobs(model: torch.nn.Module, batch: Batch | PrefixBatch, temperature: float = 1.0,
                     with_entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp_N, entropy_N or None) at the N action positions, row-major.
 
     `entropy_grad=False` computes the entropy outside autograd (a metric only: no graph over [N, V]).
     """
+    from rlhf_ops.models.rows import only_rows
+
     where, targets_N = _where_and_targets(batch)
-    logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=where).logits
+    with only_rows(_rows(where, batch)):  # the last layer's MLP at the action positions only
+        logits_NV = model(**batch.model_inputs(), use_cache=False, logits_to_keep=where).logits
     logits_NV = logits_NV.reshape(-1, logits_NV.shape[-1])  # a [1, N, V] from index positions
     if temperature not in (0.0, 1.0):
         logits_NV = logits_NV / temperature
@@ -115,8 +125,8 @@ def action_values(model: torch.nn.Module, batch: Batch | PrefixBatch) -> torch.T
     """values_N: the critic's value at the position predicting each action."""
     from rlhf_ops.models.reward import token_values
 
-    values_BT = token_values(model, batch)
     where, _ = _where_and_targets(batch)
+    values_BT = token_values(model, batch, _rows(where, batch))
     return values_BT[0, where] if isinstance(batch, PrefixBatch) else values_BT[where]
 
 

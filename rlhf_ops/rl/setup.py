@@ -108,13 +108,13 @@ def reward_model_scores(reward_model: torch.nn.Module, opts: ScoringOptions, pad
     """[B] sequence scores of a reward model over `opts.micro_batch_size` chunks (normalised with
     --normalize_reward by the mean/std its config stores)."""
     from rlhf_ops.distributed.device import param_device
-    from rlhf_ops.models.reward import sequence_rewards, token_values
+    from rlhf_ops.models.reward import sequence_scores
 
     parts = []
     for i in range(0, len(seqs), opts.micro_batch_size):
         chunk = seqs[i:i + opts.micro_batch_size]
         b = collate(chunk, [[1] * len(c) for c in chunk], pad_id, packed=opts.packing_samples).to(param_device(reward_model))
-        parts.append(sequence_rewards(token_values(reward_model, b), b).float().cpu())
+        parts.append(sequence_scores(reward_model, b).float().cpu())
     rm = torch.cat(parts)
     if opts.normalize_reward:
         c = reward_model.config

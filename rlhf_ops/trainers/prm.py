@@ -64,7 +64,10 @@ def step_logits(model: torch.nn.Module, batch: PRMBatch, reward_ids: list[int]) 
     Goes through `model(...)` (a DeepSpeed engine's forward, which its backward needs), with
     `logits_to_keep` as the boolean step mask, as `models.forward.target_nll` does for SFT.
     """
-    logits_NV = model(**batch.inputs.model_inputs(), use_cache=False, logits_to_keep=batch.steps_BT).logits
+    from rlhf_ops.models.rows import only_rows
+
+    with only_rows(batch.steps_BT):  # the last layer's MLP at the step positions only (models.rows)
+        logits_NV = model(**batch.inputs.model_inputs(), use_cache=False, logits_to_keep=batch.steps_BT).logits
     return logits_NV[:, reward_ids]
 
 

@@ -69,9 +69,9 @@ def pair_metrics(loss: torch.Tensor, chosen_P: torch.Tensor, rejected_P: torch.T
 def rm_step(model: torch.nn.Module, pb: PairBatch, kind: str = "sigmoid") -> tuple[torch.Tensor, Metrics]:
     """Pairwise loss of one pair micro-batch, plus the reward moments for mean/std."""
     from rlhf_ops.algos.preference import pairwise_reward_loss
-    from rlhf_ops.models.reward import sequence_rewards, token_values
+    from rlhf_ops.models.reward import sequence_scores
 
-    rewards_S = sequence_rewards(token_values(model, pb.batch), pb.batch, pb.last_index_S)
+    rewards_S = sequence_scores(model, pb.batch, pb.last_index_S)
     chosen_P, rejected_P = split_pairs(rewards_S, pb.num_pairs)
     out = pairwise_reward_loss(chosen_P, rejected_P, pb.margin_P, kind)
     metrics = pair_metrics(out.loss, chosen_P, rejected_P)
