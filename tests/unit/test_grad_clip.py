@@ -30,5 +30,9 @@ def test_clipping_equals_deepspeeds_bit_for_bit():
 
 def test_small_gradients_are_left_alone():
     grads, before = _grads(1e-3), _grads(1e-3)
+    versions = [g._version for g in grads]
     clip_grad_norm(grads, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
+    assert [g._version for g in grads] == versions  # on CPU not even multiplied by 1.0 (a pass over every gradient)
+    clip_grad_norm(grads, 1e-4)
+    assert all(g._version == v + 1 for g, v in zip(grads, versions))  # clipped: scaled in place once
