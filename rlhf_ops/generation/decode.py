@@ -62,7 +62,8 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
             return "q/k norms in attention"
     # the sampler reads weights and calls no module, so forward hooks would not run: a model with a hook of its
     # user's (a logit hook) goes to `generate`. DeepSpeed's are no reason: ZeRO-3's fetch/release hooks on every
-    # submodule have nothing to do while the generator holds the weights gathered, and ZeRO 0-2 hook only the root
+    # submodule have nothing to do while the generator holds the weights gathered, and ZeRO 0-2 hook only the root;
+    # nor are `models.rows`' hooks on the last MLP, which do nothing outside `only_rows` (the sampler computes every row)
     hooked = [n for n, m in hf.named_modules() if n and _user_hooks(m)]
     if hooked:
         return f"forward hooks on {hooked[0]}" + (f" and {len(hooked) - 1} more modules" if len(hooked) > 1 else "")
@@ -76,10 +77,13 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
     return None
 
 
+_OWN_HOOKS = ("deepspeed.", "rlhf_ops.models.rows")  # models.rows' hooks act only inside its only_rows()
+
+
 def _user_hooks(module: torch.nn.Module) -> list:
-    """The module's forward (pre-)hooks that are not DeepSpeed's own."""
+    """The module's forward (pre-)hooks that are neither DeepSpeed's nor `models.rows`' own."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return [h for h in hooks if not (getattr(h, "__module__", None) or "").startswith("deepspeed.")]
+    return [h for h in hooks if not (getattr(h, "__module__", None) or "").startswith(_OWN_HOOKS)]
 
 
 @dataclass

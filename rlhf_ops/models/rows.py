@@ -31,6 +31,7 @@ import torch
 _ROWS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("rlhf_rows", default=None)
 _APPLIED: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("rlhf_rows_applied", default=None)
 _MARK = "_rlhf_ops_rows"
+_LAYER = "_rlhf_ops_rows_layer"
 
 
 def last_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -57,9 +58,11 @@ def install(model: torch.nn.Module) -> bool:
     if not getattr(mlp, _MARK, False):
         from rlhf_ops.models.forward import unwrap
 
-        layer = unwrap(model).get_decoder().layers[-1]
-        mlp.register_forward_pre_hook(lambda _m, args: _keep_rows(layer, args))
-        mlp.register_forward_hook(lambda _m, _args, out: _scatter_back(out))
+        # the layer (whose gradient_checkpointing flag the pre-hook reads), kept outside the module tree; a
+        # deepcopy of the model copies this reference to the copied layer
+        mlp.__dict__[_LAYER] = unwrap(model).get_decoder().layers[-1]
+        mlp.register_forward_pre_hook(_keep_rows)
+        mlp.register_forward_hook(_scatter_back)
         setattr(mlp, _MARK, True)
     return True
 
@@ -81,12 +84,13 @@ def rows_at(index_N: torch.Tensor, shape_BT: torch.Size) -> torch.Tensor:
     return rows.view(shape_BT[0], shape_BT[1])
 
 
-def _keep_rows(layer: torch.nn.Module, args: tuple) -> tuple | None:
+def _keep_rows(mlp: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: the input at the rows `only_rows` names (unless checkpointed or of another shape)."""
     _APPLIED.set(None)
     rows = _ROWS.get()
     if rows is None or not args:
         return None
-    x = args[0]
+    x, layer = args[0], mlp.__dict__.get(_LAYER, mlp)
     if x.shape[:-1] != rows.shape or (layer.training and getattr(layer, "gradient_checkpointing", False)):
         return None
     rows = rows.to(x.device)
@@ -94,7 +98,8 @@ def _keep_rows(layer: torch.nn.Module, args: tuple) -> tuple | None:
     return (x[rows], *args[1:])
 
 
-def _scatter_back(out: torch.Tensor) -> torch.Tensor | None:
+def _scatter_back(_mlp: torch.nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the kept rows' output in place, zeros elsewhere."""
     rows = _APPLIED.get()
     if rows is None:
         return None

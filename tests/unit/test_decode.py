@@ -162,6 +162,16 @@ def test_unsupported_models_name_the_reason(tiny_tokenizer):
     assert decode.unsupported(model, 32) is None  # a window the sequence never exceeds changes nothing
 
 
+def test_a_loaded_model_takes_the_sampler(tiny_model_dir):
+    """load_causal_lm hooks the last MLP (models.rows); those hooks must not send it to `generate`."""
+    from rlhf_ops.models.loading import load_causal_lm
+    from rlhf_ops.models.rows import last_mlp
+
+    model = load_causal_lm(str(tiny_model_dir))
+    assert last_mlp(model)._forward_pre_hooks and last_mlp(model)._forward_hooks
+    assert decode.unsupported(model, 100) is None
+
+
 def test_unsupported_model_falls_back_to_generate(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 

@@ -124,3 +124,16 @@ def test_gradient_checkpointing_computes_every_row(tiny_model_dir):
 def test_rows_at_marks_the_indexed_positions():
     rows = rows_at(torch.tensor([3, 3, 0, 5]), torch.Size([1, 7]))
     assert rows.tolist() == [[True, False, False, True, False, True, False]]
+
+
+def test_a_deep_copy_checks_its_own_layer(tiny_model_dir):
+    import copy
+
+    from rlhf_ops.models.rows import _LAYER
+
+    model = load_causal_lm(str(tiny_model_dir))
+    clone = copy.deepcopy(model)
+    assert last_mlp(clone).__dict__[_LAYER] is clone.model.layers[-1]
+    assert last_mlp(model).__dict__[_LAYER] is model.model.layers[-1]
+    assert not any(name.endswith(_LAYER) for name, _ in clone.named_modules())  # not a submodule
+    assert clone.state_dict().keys() == model.state_dict().keys()
