@@ -129,8 +129,8 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     The arithmetic of DeepSpeed's fp32 clipping (its per-tensor norms, squared and summed, then
     min(1, max_norm / (norm + 1e-6))), bit for bit, in three foreach kernels instead of a Python
     loop over parameters and an all-reduce over a world of one. On CPU an unclipped step skips the
-    multiplication by 1.0 (it reads and writes every gradient: ~0.4 ms of a ~37 ms tiny SFT step,
-    memory-bound); on a GPU the test would cost a device sync, so the multiplication stays.
+    multiplication by 1.0, a memory-bound pass that reads and writes every gradient; on a GPU the
+    test would cost a device sync, so the multiplication stays.
     """
     total = torch.stack(torch._foreach_norm(grads)).pow(2).sum().pow(0.5)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

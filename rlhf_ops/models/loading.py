@@ -66,13 +66,20 @@ def load_causal_lm(path: str, *, bf16: bool = False, flash_attn: bool = False, u
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"--pretrain {path}: could not load a model ({str(e).splitlines()[0]})") from e
-    if not use_liger_kernel:
-        from rlhf_ops.models.rope import patch
-        patch(model)  # bitwise-equal RoPE in fewer kernels (Liger brings its own)
-    from rlhf_ops.models.rows import install
-    install(model)  # the last layer's MLP at the rows a loss reads, inside rows.only_rows
+    fast_paths(model)
     model.config.use_cache = False
     return model.train()
+
+
+def fast_paths(model: torch.nn.Module) -> None:
+    """Cheaper forwards with the same results, for Llama-style models (others are left as they are):
+    RoPE in fewer kernels, bitwise equal (`models.rope`; Liger's RoPE, where --use_liger_kernel put
+    it, is not Llama's code and stays), and the last layer's MLP at the rows a loss reads
+    (`models.rows`). Every loader calls it."""
+    from rlhf_ops.models import rope, rows
+
+    rope.patch(model)
+    rows.install(model)
 
 
 def _zero3_context(ds_config: dict | None) -> Any:

@@ -33,7 +33,7 @@ import torch
 from rlhf_ops.config import ConfigError
 from rlhf_ops.data.batching import Batch
 from rlhf_ops.models.forward import is_packed, unwrap
-from rlhf_ops.models.loading import _zero3_context, attn_implementation
+from rlhf_ops.models.loading import _zero3_context, attn_implementation, fast_paths
 
 HEAD = "score"  # the attribute HF's *ForSequenceClassification and PEFT's SEQ_CLS task use
 
@@ -73,10 +73,7 @@ def load_value_model(path: str, *, value_head_prefix: str = HEAD, bf16: bool = F
         model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"{path}: could not load a model ({str(e).splitlines()[0]})") from e
-    from rlhf_ops.models.rope import patch
-    from rlhf_ops.models.rows import install
-    patch(model)  # bitwise-equal RoPE in fewer kernels
-    install(model)  # the last layer's MLP at the rows read, inside rows.only_rows (token_values' rows_BT)
+    fast_paths(model)
     model.config.use_cache = False
     model.config.value_head_prefix = value_head_prefix
     if pad_token_id is not None:

@@ -4,7 +4,7 @@ In a causal LM, the last layer's output at a position feeds nothing but that pos
 LM head, or a reward / value head). Earlier positions' keys and values, which later positions attend
 to, come from the last layer's *attention* input, not from its MLP. So where a head output is
 not used (prompt tokens in SFT, DPO and RL; every token but the last in a reward model), the last
-layer's MLP, two thirds of that layer's FLOPs in a Llama, is wasted work, forward and backward.
+layer's MLP, two thirds or more of that layer's FLOPs in a Llama, is wasted work, forward and backward.
 
 `install(model)` hooks the last layer's MLP once (a forward pre-hook and a forward hook: the
 model's modules and state dict are unchanged). Inside `only_rows(rows_BT)` the MLP runs on the
