@@ -85,8 +85,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda e: train(e, run_dir, work / e, args.steps, args.extra.split()), ests))
 
-    from rlhf_ops.eval.policy import scorer_options
     from rlhf_ops.models.loading import load_tokenizer
+    from rlhf_ops.rl.rewards import ScoringOptions
     from rlhf_ops.rl.setup import build_prompts, make_scorer
     from rlhf_ops.stages import BUILTIN_REWARD
     from rlhf_ops.eval.config import EvalConfig
@@ -94,7 +94,7 @@ def main() -> None:
     tok = load_tokenizer(str(run_dir / "sft"), None)
     cfg = EvalConfig(run_dir=str(run_dir), models="sft", output_dir=str(work / "eval_unused"))
     prompts = build_prompts(cfg, tok, str(run_dir / "data" / "prompts"), "eval")
-    score = make_scorer(scorer_options(BUILTIN_REWARD, 64), tok, None)
+    score = make_scorer(ScoringOptions(BUILTIN_REWARD, 64), tok, None)
     sft = figures(str(run_dir / "sft"), prompts, tok, score)
     for r in rows:
         r.update(figures(r.pop("model"), prompts, tok, score))
