@@ -34,19 +34,18 @@ _MARK = "_rlhf_ops_rows"
 _LAYER = "_rlhf_ops_rows_layer"
 
 
-def last_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The last decoder layer's plain MLP (`*MLP`), or None when the model has none."""
+def _last_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The last decoder layer of a Hugging Face model (under DeepSpeed / PEFT wrappers), if it has `layers`."""
     from rlhf_ops.models.forward import unwrap
 
     hf = unwrap(model)
-    try:
-        decoder = hf.get_decoder()
-    except (AttributeError, NotImplementedError):
-        return None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        return None
-    mlp = getattr(layers[-1], "mlp", None)
+    layers = getattr(hf.get_decoder(), "layers", None) if hasattr(hf, "get_decoder") else None
+    return layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def last_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The last decoder layer's plain MLP (`*MLP`), or None when the model has none."""
+    mlp = getattr(_last_layer(model), "mlp", None)
     return mlp if isinstance(mlp, torch.nn.Module) and type(mlp).__name__.endswith("MLP") else None
 
 
@@ -56,11 +55,9 @@ def install(model: torch.nn.Module) -> bool:
     if mlp is None:
         return False
     if not getattr(mlp, _MARK, False):
-        from rlhf_ops.models.forward import unwrap
-
         # the layer (whose gradient_checkpointing flag the pre-hook reads), kept outside the module tree; a
         # deepcopy of the model copies this reference to the copied layer
-        mlp.__dict__[_LAYER] = unwrap(model).get_decoder().layers[-1]
+        mlp.__dict__[_LAYER] = _last_layer(model)
         mlp.register_forward_pre_hook(_keep_rows)
         mlp.register_forward_hook(_scatter_back)
         setattr(mlp, _MARK, True)
