@@ -5,7 +5,8 @@ its logits processors, stopping criteria, cache objects, mask builders and modul
 plus `torch.multinomial`, whose exponential draws alone cost ~1 ms per step for 64 rows of a
 512-token vocabulary. Here one decode step is the decoder's arithmetic and little else:
 
-- q/k/v and gate/up are one matmul each (weights concatenated once per call);
+- q/k/v and gate/up are one matmul each (weights concatenated once per call), through oneDNN on
+  fp32 where `models.onednn` is on (as the training forward is);
 - RoPE is one complex multiply: q/k weight rows are permuted per head from the half-split
   layout to interleaved pairs, which leaves every q.k product unchanged;
 - keys and values go to a preallocated [B, KV, L, D] cache, attended with SDPA (GQA in the kernel);
@@ -33,6 +34,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from rlhf_ops.models import onednn
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -56,7 +59,7 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
     for i, layer in enumerate(inner.layers):
         for name in _LINEARS:
             mod = layer.get_submodule(name)
-            if type(mod) is not torch.nn.Linear:
+            if type(mod) not in _PLAIN_LINEAR:
                 return f"layers.{i}.{name} is a {type(mod).__name__}, not a plain Linear (LoRA/quantized)"
         if hasattr(layer.self_attn, "q_norm"):
             return "q/k norms in attention"
@@ -72,11 +75,12 @@ def unsupported(hf: torch.nn.Module, max_len: int) -> str | None:
         return "global forward hooks"
     if type(inner.embed_tokens) is not torch.nn.Embedding:
         return f"embed_tokens is a {type(inner.embed_tokens).__name__}, not a plain Embedding"
-    if type(getattr(hf, "lm_head", None)) is not torch.nn.Linear:
+    if type(getattr(hf, "lm_head", None)) not in _PLAIN_LINEAR:
         return "lm_head is not a plain Linear"
     return None
 
 
+_PLAIN_LINEAR = (torch.nn.Linear, onednn.Linear)  # models.onednn.Linear is nn.Linear with another kernel
 _OWN_HOOKS = ("deepspeed.", "rlhf_ops.models.rows")  # models.rows' hooks act only inside its only_rows()
 
 
@@ -126,6 +130,7 @@ class _Weights:
         self.H, self.KV = cfg.num_attention_heads, cfg.num_key_value_heads
         self.D = attn0.head_dim
         self.scaling = float(attn0.scaling)
+        self.linear = onednn.linear if onednn.available() else F.linear
         # weights and plain forwards only, never a module call: under ZeRO-3 a module call runs DeepSpeed's
         # fetch/release hooks, whose all-gathers would need every rank in step (ranks sample different lengths)
         self.embed = inner.embed_tokens.weight
@@ -199,7 +204,7 @@ def _forward(w: _Weights, cache: _Cache, ids_BT: torch.Tensor, pos_BT: torch.Ten
     t0, t1 = cache.length, cache.length + T
     for i, lw in enumerate(w.layers):
         h = _rms_norm(x, lw.norm1, lw.eps1)
-        q, k, v = F.linear(h, lw.w_qkv, lw.b_qkv).split([H * D, KV * D, KV * D], dim=-1)
+        q, k, v = w.linear(h, lw.w_qkv, lw.b_qkv).split([H * D, KV * D, KV * D], dim=-1)
         q = _rotate(q.view(B, T, H, D), rot)
         ck, cv = cache.view(cache.k[i]), cache.view(cache.v[i])
         ck[:, :, t0:t1] = _rotate(k.view(B, T, KV, D), rot).transpose(1, 2)
@@ -214,17 +219,17 @@ def _forward(w: _Weights, cache: _Cache, ids_BT: torch.Tensor, pos_BT: torch.Ten
             o = F.scaled_dot_product_attention(q.transpose(1, 2), ck[:, :, :t1], cv[:, :, :t1], attn_mask=mask,
                                                is_causal=mask is None, scale=w.scaling, enable_gqa=H != KV)
             o = o.transpose(1, 2).reshape(B, T, H * D)
-        x = x + F.linear(o, lw.w_o, lw.b_o)
+        x = x + w.linear(o, lw.w_o, lw.b_o)
         h = _rms_norm(x, lw.norm2, lw.eps2)
-        gate, up = F.linear(h, lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, lw.w_down, lw.b_down)
+        gate, up = w.linear(h, lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
+        x = x + w.linear(F.silu(gate) * up, lw.w_down, lw.b_down)
     cache.length = t1
     return x
 
 
 def _next_logits(w: _Weights, x_BTC: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] at each row's last position."""
-    return F.linear(_rms_norm(x_BTC[:, -1], w.norm, w.norm_eps), w.lm_head_w, w.lm_head_b).float()
+    return w.linear(_rms_norm(x_BTC[:, -1], w.norm, w.norm_eps), w.lm_head_w, w.lm_head_b).float()
 
 
 def _nucleus(z_BV: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ops.data.batching import collate
+from rlhf_ops.models import onednn
 from rlhf_ops.models.attention import NAME, packed_layout, packed_sdpa_BHTD
 from rlhf_ops.models.loading import load_causal_lm
 
@@ -61,6 +62,7 @@ def models(tiny_model_dir):
 
     ours = load_causal_lm(str(tiny_model_dir)).eval()
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa").eval()
+    onednn.patch(hf)  # the same Linear kernels as `ours` (models.onednn): only the attention differs
     assert ours.config._attn_implementation == NAME
     return ours, hf
 

@@ -1,0 +1,134 @@
+"""fp32 Linear layers through oneDNN on CPU: the same fp32 products at about twice the speed.
+
+PyTorch's CPU wheels run fp32 `F.linear` (and its backward) through MKL's sgemm. MKL picks its
+AVX-512 kernels only on Intel processors; on an AMD CPU with AVX-512 (this project's CI and
+benchmark machines: Zen 5) it runs AVX2 code at about half the machine's peak: ~105 GFLOP/s per core
+here against ~215-235 GFLOP/s for oneDNN's fp32 matmul on the same shapes and thread
+(`benchmarks/onednn_linear.py`). oneDNN, which PyTorch also ships, dispatches on the CPU's features.
+
+`patch(model)` turns each plain `nn.Linear` of a model into `Linear` below (a subclass: same
+parameters, state dict, `repr` and save format). On CPU with fp32 tensors its forward is one call to
+oneDNN (`torch.ops.mkldnn._linear_pointwise`, dense in and out), and its backward two more (grad of
+the input, grad of the weight from transposed views, no copies). Arithmetic stays IEEE fp32, with
+oneDNN's summation order in place of MKL's: results agree to fp32 rounding, not bitwise
+(tests/unit/test_onednn.py). Under ZeRO-3 DeepSpeed gathers a layer's weight around its forward
+and its backward, as for `F.linear` (tests/integration/test_rl_loop.py: ZeRO 0, 2 and 3 end within
+1e-6). Anything else falls back to `F.linear`: GPU tensors, bf16/fp16, autocast, fewer than ROWS
+rows (a decode step of a few sequences, where MKL is faster), and PyTorch builds without the op. `RLHF_OPS_ONEDNN_LINEAR=0` turns it off for a process (A/B runs, or a CPU where MKL
+is the faster of the two).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ENV = "RLHF_OPS_ONEDNN_LINEAR"
+
+
+def available() -> bool:
+    """oneDNN's dense linear op exists in this PyTorch build and the env switch is not "0"."""
+    return (os.environ.get(ENV, "1") != "0" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+ROWS = 16  # row bucket: fewer rows go to F.linear; more are zero-padded up to a multiple of it
+_last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, x._version, padded rows): q/k/v share x
+
+
+def _mm_t(x_NI: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
+    """x_NI @ w_OI.T (+ b_O) in oneDNN; either operand may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(x_NI, w_OI, b_O, "none", [], "")
+
+
+def _pad_rows(x_NI: torch.Tensor) -> torch.Tensor:
+    """`x_NI` (contiguous) with zero rows appended up to a multiple of ROWS (itself when it is one).
+
+    oneDNN builds (JIT-compiles) a kernel per shape, ~0.4 ms each, and caches 1024 of them. Packed
+    micro-batches vary in length every step, so unpadded shapes would mostly miss the cache."""
+    n = x_NI.shape[0]
+    n_pad = -(-n // ROWS) * ROWS
+    if n_pad == n:
+        return x_NI
+    out = x_NI.new_empty(n_pad, x_NI.shape[1])
+    out[:n].copy_(x_NI)
+    out[n:].zero_()
+    return out
+
+
+def _rows_PI(x: torch.Tensor) -> torch.Tensor:
+    """`x` as padded rows [P, I]; the same `x` (unchanged) given to several layers is padded once."""
+    global _last
+    last = _last
+    if last is not None and last[0] is x and last[1] == x._version:
+        return last[2]
+    padded = _pad_rows(x.reshape(-1, x.shape[-1]).contiguous())
+    _last = (x, x._version, padded)
+    return padded
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x @ w_OI.T + b_O over the last dim, oneDNN forward and backward on row-padded operands."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None) -> torch.Tensor:
+        x_PI = _rows_PI(x)
+        ctx.save_for_backward(x_PI, w_OI)
+        ctx.x_shape = x.shape
+        n = x.numel() // x.shape[-1]
+        return _mm_t(x_PI, w_OI, b_O)[:n].view(*x.shape[:-1], w_OI.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_PI, w_OI = ctx.saved_tensors
+        grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
+        n = grad_NO.shape[0]
+        grad_PO = _pad_rows(grad_NO)
+        grad_x = _mm_t(grad_PO, w_OI.t())[:n].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = _mm_t(grad_PO.t(), x_PI.t()) if ctx.needs_input_grad[1] else None
+        grad_b = grad_NO.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() >= ROWS * x.shape[-1]
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN where eligible (CPU, fp32, at least ROWS rows, no autocast)."""
+    if not _eligible(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _LinearFn.apply(x, weight, bias)
+    n = x.numel() // x.shape[-1]
+    return _mm_t(_rows_PI(x), weight, bias)[:n].view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(torch.nn.Linear):
+    """`nn.Linear` whose forward is `linear` above; `patch` sets it as a module's class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def patch(model: torch.nn.Module) -> int:
+    """Make every plain `nn.Linear` in `model` a oneDNN `Linear`; returns how many (0 when unavailable)."""
+    if not available():
+        return 0
+    n = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Linear
+            n += 1
+    return n
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Back to `nn.Linear` (tests compare the two)."""
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = torch.nn.Linear

@@ -1,0 +1,125 @@
+"""models.onednn: fp32 Linear layers through oneDNN, as accurate as MKL's, and really through oneDNN.
+
+Accuracy is judged against float64: oneDNN sums in another order than MKL, so the two fp32 results
+differ in the last bits, and the question is only whether oneDNN's error is of fp32 size.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_ops.models import onednn
+from rlhf_ops.models.loading import load_causal_lm
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN linear op")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count oneDNN matmuls (forward and backward)."""
+    seen = []
+    real = onednn._mm_t
+
+    def counting(*args):
+        seen.append(tuple(args[0].shape))
+        return real(*args)
+
+    monkeypatch.setattr(onednn, "_mm_t", counting)
+    return seen
+
+
+def _grads64(x, w, b):
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    y = F.linear(x64, w64, b64)
+    return y, torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], torch.ones_like(y).sin())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64_forward_and_backward(calls, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 48, generator=g, requires_grad=True)  # 74 rows: padded to 80 inside
+    w = torch.randn(24, 48, generator=g, requires_grad=True)
+    b = torch.randn(24, generator=g, requires_grad=True) if bias else None
+    y = onednn.linear(x, w, b)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], torch.ones_like(y).sin())
+    y64, grads64 = _grads64(x, w, b)
+    assert y.shape == (2, 37, 24) and y.dtype == torch.float32
+    assert calls == [(80, 48), (80, 24), (24, 80)]  # forward; grad of the input; grad of the weight
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads64):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weight_and_no_grad_paths(calls):
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(40, 32, generator=g, requires_grad=True), torch.randn(16, 32, generator=g)
+    (gx,) = torch.autograd.grad(onednn.linear(x, w).sum(), [x])
+    torch.testing.assert_close(gx, torch.ones(40, 16) @ w)
+    assert calls == [(48, 32), (48, 16)]  # no weight-gradient matmul for a frozen weight
+    with torch.no_grad():
+        y = onednn.linear(x, w)
+    assert not y.requires_grad and len(calls) == 3
+    torch.testing.assert_close(y, x.detach() @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_what_falls_back_to_f_linear(calls):
+    w = torch.randn(8, 16)
+    few = torch.randn(onednn.ROWS - 1, 16)
+    assert torch.equal(onednn.linear(few, w), F.linear(few, w))
+    bf16 = torch.randn(32, 16, dtype=torch.bfloat16)
+    assert torch.equal(onednn.linear(bf16, w.bfloat16()), F.linear(bf16, w.bfloat16()))
+    many = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn.linear(many, w).dtype == torch.bfloat16
+    assert calls == []
+
+
+def test_an_input_changed_in_place_is_padded_again():
+    """Layers sharing one input share its padded copy; an in-place change must not reuse a stale one."""
+    x, w = torch.randn(20, 8), torch.randn(4, 8)
+    first = onednn.linear(x, w)
+    x.mul_(2)
+    torch.testing.assert_close(onednn.linear(x, w), 2 * first, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach().double(), [p.grad.detach().double() for p in model.parameters()]
+
+
+def test_a_model_trains_as_accurately_as_with_mkl(tiny_model_dir):
+    model = load_causal_lm(str(tiny_model_dir))
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())  # the loader patched every Linear
+    ids = torch.randint(3, 500, (3, 41), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(model, ids)
+    onednn.unpatch(model)
+    mkl_loss, mkl_grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(copy.deepcopy(model).double(), ids)
+    assert not torch.equal(loss, mkl_loss) or any(not torch.equal(a, b) for a, b in zip(grads, mkl_grads))
+    assert abs(loss - ref_loss) <= 4 * abs(mkl_loss - ref_loss) + 1e-6
+    err = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(grads, ref_grads))
+    mkl_err = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(mkl_grads, ref_grads))
+    assert err <= 4 * mkl_err + 1e-6, (err, mkl_err)
+
+
+def test_patch_keeps_parameters_state_dict_and_copies(tiny_model_dir, tmp_path, monkeypatch):
+    model = load_causal_lm(str(tiny_model_dir))
+    onednn.unpatch(model)
+    keys = list(model.state_dict())
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert onednn.patch(model) == n_linear > 0
+    assert list(model.state_dict()) == keys
+    assert all(isinstance(m, torch.nn.Linear) for m in model.modules() if type(m) is onednn.Linear)
+    clone = copy.deepcopy(model)
+    assert type(clone.lm_head) is onednn.Linear and clone.lm_head.weight is not model.lm_head.weight
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = type(model).from_pretrained(tmp_path / "saved")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    monkeypatch.setenv(onednn.ENV, "0")
+    onednn.unpatch(model)
+    assert onednn.patch(model) == 0 and type(model.lm_head) is torch.nn.Linear
