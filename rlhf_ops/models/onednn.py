@@ -13,9 +13,15 @@ the input, grad of the weight from transposed views, no copies). Arithmetic stay
 oneDNN's summation order in place of MKL's: results agree to fp32 rounding, not bitwise
 (tests/unit/test_onednn.py). Under ZeRO-3 DeepSpeed gathers a layer's weight around its forward
 and its backward, as for `F.linear` (tests/integration/test_rl_loop.py: ZeRO 0, 2 and 3 end within
-1e-6). Anything else falls back to `F.linear`: GPU tensors, bf16/fp16, autocast, fewer than ROWS
-rows (a decode step of a few sequences, where MKL is faster), and PyTorch builds without the op. `RLHF_OPS_ONEDNN_LINEAR=0` turns it off for a process (A/B runs, or a CPU where MKL
-is the faster of the two).
+1e-6). Anything else falls back to `F.linear`: GPU tensors, bf16/fp16, autocast, fewer than
+MIN_ROWS rows (a decode step of a few sequences, where MKL is faster), and PyTorch builds without
+the op. `RLHF_OPS_ONEDNN_LINEAR=0` turns it off for a process (A/B runs, or a CPU where MKL is the
+faster of the two).
+
+The price is memory: oneDNN compiles kernels per GEMM shape and keeps them (~0.65 MB a shape), so
+row counts are padded to multiples of BUCKET (`_pad_rows`) and the caches are capped at
+CACHE_CAPACITY shapes (unless the environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY /
+LRU_CACHE_CAPACITY). On the tiny SFT run that is ~+33 MB of peak memory over MKL.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 ENV = "RLHF_OPS_ONEDNN_LINEAR"
+CACHE_CAPACITY = "256"  # GEMM shapes kept compiled (oneDNN's and ideep's caches; 1024 by default): <= ~170 MB
 
 
 def available() -> bool:
@@ -33,7 +40,8 @@ def available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-ROWS = 16  # row bucket: fewer rows go to F.linear; more are zero-padded up to a multiple of it
+MIN_ROWS = 16  # fewer rows go to F.linear (MKL is faster there: a decode step of a few sequences)
+BUCKET = 64  # more are zero-padded up to a multiple of this: see _pad_rows
 _last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, x._version, padded rows): q/k/v share x
 
 
@@ -43,12 +51,15 @@ def _mm_t(x_NI: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None = Non
 
 
 def _pad_rows(x_NI: torch.Tensor) -> torch.Tensor:
-    """`x_NI` (contiguous) with zero rows appended up to a multiple of ROWS (itself when it is one).
+    """`x_NI` (contiguous) with zero rows appended up to a multiple of BUCKET (itself when it is one).
 
-    oneDNN builds (JIT-compiles) a kernel per shape, ~0.4 ms each, and caches 1024 of them. Packed
-    micro-batches vary in length every step, so unpadded shapes would mostly miss the cache."""
+    oneDNN JIT-compiles its kernels for each GEMM shape (~0.4 ms) and keeps them (~0.65 MB per shape
+    here, whatever its size) in caches of 1024 entries. Packed micro-batches change length every
+    step, so exact shapes would pay the compilation on most steps and grow memory by ~90 MB over a
+    tiny SFT run (rows padded to 16: 132 shapes). Multiples of 64 keep ~45 shapes on that run (+32 MB
+    over MKL's run) at ~9% more rows through the GEMMs (benchmarks/onednn_linear.py)."""
     n = x_NI.shape[0]
-    n_pad = -(-n // ROWS) * ROWS
+    n_pad = -(-n // BUCKET) * BUCKET
     if n_pad == n:
         return x_NI
     out = x_NI.new_empty(n_pad, x_NI.shape[1])
@@ -93,12 +104,12 @@ class _LinearFn(torch.autograd.Function):
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() >= ROWS * x.shape[-1]
+            and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() >= MIN_ROWS * x.shape[-1]
             and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN where eligible (CPU, fp32, at least ROWS rows, no autocast)."""
+    """`F.linear`, through oneDNN where eligible (CPU, fp32, at least MIN_ROWS rows, no autocast)."""
     if not _eligible(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -119,6 +130,9 @@ def patch(model: torch.nn.Module) -> int:
     """Make every plain `nn.Linear` in `model` a oneDNN `Linear`; returns how many (0 when unavailable)."""
     if not available():
         return 0
+    # read when oneDNN creates its first primitive, so before any forward; a user's setting wins
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", CACHE_CAPACITY)
+    os.environ.setdefault("LRU_CACHE_CAPACITY", CACHE_CAPACITY)
     n = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:

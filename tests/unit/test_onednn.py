@@ -29,6 +29,10 @@ def calls(monkeypatch):
     return seen
 
 
+def _padded(rows):
+    return -(-rows // onednn.BUCKET) * onednn.BUCKET
+
+
 def _grads64(x, w, b):
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if b is not None else None
@@ -39,14 +43,15 @@ def _grads64(x, w, b):
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_float64_forward_and_backward(calls, bias):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 37, 48, generator=g, requires_grad=True)  # 74 rows: padded to 80 inside
+    x = torch.randn(2, 37, 48, generator=g, requires_grad=True)  # 74 rows: padded inside
+    P = _padded(74)
     w = torch.randn(24, 48, generator=g, requires_grad=True)
     b = torch.randn(24, generator=g, requires_grad=True) if bias else None
     y = onednn.linear(x, w, b)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], torch.ones_like(y).sin())
     y64, grads64 = _grads64(x, w, b)
     assert y.shape == (2, 37, 24) and y.dtype == torch.float32
-    assert calls == [(80, 48), (80, 24), (24, 80)]  # forward; grad of the input; grad of the weight
+    assert calls == [(P, 48), (P, 24), (24, P)]  # forward; grad of the input; grad of the weight
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, grads64):
         assert got.shape == want.shape
@@ -58,7 +63,7 @@ def test_frozen_weight_and_no_grad_paths(calls):
     x, w = torch.randn(40, 32, generator=g, requires_grad=True), torch.randn(16, 32, generator=g)
     (gx,) = torch.autograd.grad(onednn.linear(x, w).sum(), [x])
     torch.testing.assert_close(gx, torch.ones(40, 16) @ w)
-    assert calls == [(48, 32), (48, 16)]  # no weight-gradient matmul for a frozen weight
+    assert calls == [(_padded(40), 32), (_padded(40), 16)]  # no weight-gradient matmul for a frozen weight
     with torch.no_grad():
         y = onednn.linear(x, w)
     assert not y.requires_grad and len(calls) == 3
@@ -67,7 +72,7 @@ def test_frozen_weight_and_no_grad_paths(calls):
 
 def test_what_falls_back_to_f_linear(calls):
     w = torch.randn(8, 16)
-    few = torch.randn(onednn.ROWS - 1, 16)
+    few = torch.randn(onednn.MIN_ROWS - 1, 16)
     assert torch.equal(onednn.linear(few, w), F.linear(few, w))
     bf16 = torch.randn(32, 16, dtype=torch.bfloat16)
     assert torch.equal(onednn.linear(bf16, w.bfloat16()), F.linear(bf16, w.bfloat16()))
