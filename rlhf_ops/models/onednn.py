@@ -9,7 +9,8 @@ here against ~215-235 GFLOP/s for oneDNN's fp32 matmul on the same shapes and th
 `patch(model)` turns each plain `nn.Linear` of a model into `Linear` below (a subclass: same
 parameters, state dict, `repr` and save format). On CPU with fp32 tensors its forward is one call to
 oneDNN (`torch.ops.mkldnn._linear_pointwise`, dense in and out), and its backward two more (grad of
-the input, grad of the weight from transposed views, no copies). Arithmetic stays IEEE fp32, with
+the input; grad of the weight, from transposed views, left to MKL for weights under SMALL_WEIGHT
+elements, where oneDNN gains least). Arithmetic stays IEEE fp32, with
 oneDNN's summation order in place of MKL's: results agree to fp32 rounding, not bitwise
 (tests/unit/test_onednn.py). Under ZeRO-3 DeepSpeed gathers a layer's weight around its forward
 and its backward, as for `F.linear` (tests/integration/test_rl_loop.py: ZeRO 0, 2 and 3 end within
@@ -21,7 +22,7 @@ faster of the two).
 The price is memory: oneDNN compiles kernels per GEMM shape and keeps them (~0.65 MB a shape), so
 row counts are padded to multiples of BUCKET (`_pad_rows`) and the caches are capped at
 CACHE_CAPACITY shapes (unless the environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY /
-LRU_CACHE_CAPACITY). On the tiny SFT run that is ~+33 MB of peak memory over MKL.
+LRU_CACHE_CAPACITY). On the tiny SFT run that is ~+22 MB of peak memory over MKL.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def available() -> bool:
 
 MIN_ROWS = 16  # fewer rows go to F.linear (MKL is faster there: a decode step of a few sequences)
 BUCKET = 64  # more are zero-padded up to a multiple of this: see _pad_rows
+SMALL_WEIGHT = 65536  # weight gradients of fewer elements go to MKL
 _last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, x._version, padded rows): q/k/v share x
 
 
@@ -96,8 +98,15 @@ class _LinearFn(torch.autograd.Function):
         grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
         n = grad_NO.shape[0]
         grad_PO = _pad_rows(grad_NO)
-        grad_x = _mm_t(grad_PO, w_OI.t())[:n].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = _mm_t(grad_PO.t(), x_PI.t()) if ctx.needs_input_grad[1] else None
+        # W^T made contiguous: grad_x then has the shape of some forward GEMM (gate's is down's), one compiled
+        # kernel set for both; small weight gradients stay with MKL (the least speed-up, the same ~0.65 MB a shape)
+        grad_x = _mm_t(grad_PO, w_OI.t().contiguous())[:n].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            grad_w = None
+        elif w_OI.numel() >= SMALL_WEIGHT:
+            grad_w = _mm_t(grad_PO.t(), x_PI.t())
+        else:
+            grad_w = grad_PO.t() @ x_PI
         grad_b = grad_NO.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
