@@ -33,6 +33,9 @@ import torch.nn.functional as F
 
 ENV = "RLHF_OPS_ONEDNN_LINEAR"
 CACHE_CAPACITY = "256"  # GEMM shapes kept compiled (oneDNN's and ideep's caches; 1024 by default): <= ~170 MB
+MIN_ROWS = 16  # fewer rows go to F.linear (MKL is faster there: a decode step of a few sequences)
+BUCKET = 64  # more are zero-padded up to a multiple of this: see _pad_rows
+SMALL_WEIGHT = 65536  # weight gradients of fewer elements go to MKL
 
 
 def available() -> bool:
@@ -41,9 +44,6 @@ def available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-MIN_ROWS = 16  # fewer rows go to F.linear (MKL is faster there: a decode step of a few sequences)
-BUCKET = 64  # more are zero-padded up to a multiple of this: see _pad_rows
-SMALL_WEIGHT = 65536  # weight gradients of fewer elements go to MKL
 _last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, x._version, padded rows): q/k/v share x
 
 
