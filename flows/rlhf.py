@@ -25,10 +25,15 @@ from prefect import flow
 from flows.settings import PipelinePlan, load_plan
 
 
+# a local head `main()` starts in the background before the flow (None in deployment runs)
+_prestarted: Any = None
+
+
 class _Cluster:
     """Where Ray jobs go: RAY_ADDRESS, else a local head started on first need and stopped at exit.
 
     The head starts only when a stage has to run, so a fully cached rerun starts no Ray at all.
+    `python -m flows.rlhf` starts it ahead, while Prefect starts (`main`); the flow then takes that one.
     """
 
     def __init__(self, executor: str, log: Any):
@@ -43,6 +48,9 @@ class _Cluster:
             if os.environ.get("RAY_ADDRESS"):
                 self.log(f"submitting stages to the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
                 self._address = os.environ["RAY_ADDRESS"]
+            elif _prestarted is not None and _prestarted.address() is not None:
+                self._address = _prestarted.address()
+                self._stack.callback(_prestarted.close)
             else:
                 from tasks.ray_jobs import local_head
                 self._address = self._stack.enter_context(local_head(log=self.log))
@@ -96,6 +104,20 @@ def _publish_eval(run: Path) -> None:
         print(f"eval report: {report}")
 
 
+def _start_head_if_needed(preset: str, stages: Optional[list[str]], overrides: Optional[dict], run: Path) -> Any:
+    """A local Ray head started in the background when some stage's outputs do not match its stamp (the
+    check hashes the stages' inputs, so it runs in that thread too): ~3 s of the head's start overlap the
+    temporary Prefect server's."""
+    from tasks.ray_jobs import BackgroundHead
+    from tasks.stage import outputs_valid
+
+    def needed() -> bool:
+        p = load_plan(preset, stages, overrides, "ray", None, run)
+        return any(not outputs_valid(s, preset, str(run), p.overrides.get(s)) for s in p.stages)
+
+    return BackgroundHead(needed)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m flows.rlhf", description="Run the rlhf flow once, in this process.")
@@ -118,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"python -m flows.rlhf: error: {e}", file=sys.stderr)
         return 2
-    state = rlhf(a.preset, a.output_dir, stages, overrides, a.executor, a.hub_repo, return_state=True)
+    global _prestarted
+    if a.executor == "ray" and not os.environ.get("RAY_ADDRESS"):
+        _prestarted = _start_head_if_needed(a.preset, stages, overrides, Path(a.output_dir).resolve())
+    try:
+        state = rlhf(a.preset, a.output_dir, stages, overrides, a.executor, a.hub_repo, return_state=True)
+    finally:
+        if _prestarted is not None:
+            _prestarted.close()
     if state.is_failed():
         print(f"python -m flows.rlhf: the flow failed: {state.message}", file=sys.stderr)
         return 1

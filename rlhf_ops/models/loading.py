@@ -76,12 +76,14 @@ def fast_paths(model: torch.nn.Module) -> None:
     RoPE in fewer kernels, bitwise equal (`models.rope`; Liger's RoPE, where --use_liger_kernel put
     it, is not Llama's code and stays), and the last layer's MLP at the rows a loss reads
     (`models.rows`); and on CPU, fp32 Linear layers through oneDNN, which uses AVX-512 where MKL
-    does not (`models.onednn`; same fp32 arithmetic, another summation order). Every loader calls it."""
-    from rlhf_ops.models import onednn, rope, rows
+    does not (`models.onednn`; same fp32 arithmetic, another summation order), and SwiGLU MLPs as one
+    autograd node that keeps half the activations (`models.mlp`, bitwise equal). Every loader calls it."""
+    from rlhf_ops.models import mlp, onednn, rope, rows
 
     rope.patch(model)
     rows.install(model)
     onednn.patch(model)
+    mlp.patch(model)
 
 
 def _zero3_context(ds_config: dict | None) -> Any:

@@ -20,9 +20,11 @@ the op. `RLHF_OPS_ONEDNN_LINEAR=0` turns it off for a process (A/B runs, or a CP
 faster of the two).
 
 The price is memory: oneDNN compiles kernels per GEMM shape and keeps them (~0.65 MB a shape), so
-row counts are padded to multiples of BUCKET (`_pad_rows`) and the caches are capped at
-CACHE_CAPACITY shapes (unless the environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY /
-LRU_CACHE_CAPACITY). On the tiny SFT run that is ~+22 MB of peak memory over MKL.
+row counts are padded (`padded_rows`: multiples of BUCKET, at most PER_OCTAVE sizes per octave) and
+the caches are capped at CACHE_CAPACITY shapes (unless the environment sets
+ONEDNN_PRIMITIVE_CACHE_CAPACITY / LRU_CACHE_CAPACITY). On the tiny SFT run that is ~+22 MB of peak
+memory over MKL. Keep runs under the cap: evicting and recompiling was measured to grow memory, not
+free it (60 shapes cycled through a 16-shape cache: +154 MB).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 ENV = "RLHF_OPS_ONEDNN_LINEAR"
 CACHE_CAPACITY = "256"  # GEMM shapes kept compiled (oneDNN's and ideep's caches; 1024 by default): <= ~170 MB
 MIN_ROWS = 16  # fewer rows go to F.linear (MKL is faster there: a decode step of a few sequences)
-BUCKET = 64  # more are zero-padded up to a multiple of this: see _pad_rows
+BUCKET = 64  # more are zero-padded up to a multiple of this, or of a 1/PER_OCTAVE octave: see padded_rows
+PER_OCTAVE = 8  # at most this many padded sizes per octave of rows (1024-2047 rows: multiples of 128)
 SMALL_WEIGHT = 65536  # weight gradients of fewer elements go to MKL
 
 
@@ -52,8 +55,15 @@ def _mm_t(x_NI: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None = Non
     return torch.ops.mkldnn._linear_pointwise(x_NI, w_OI, b_O, "none", [], "")
 
 
+def padded_rows(n: int) -> int:
+    """`n` rounded up to a multiple of BUCKET, or of 1/PER_OCTAVE of its octave where that is larger:
+    at most PER_OCTAVE sizes between n and 2n, so that the shapes a run compiles stay few as rows grow."""
+    step = max(BUCKET, (1 << (n.bit_length() - 1)) // PER_OCTAVE) if n > 0 else BUCKET
+    return -(-n // step) * step
+
+
 def _pad_rows(x_NI: torch.Tensor) -> torch.Tensor:
-    """`x_NI` (contiguous) with zero rows appended up to a multiple of BUCKET (itself when it is one).
+    """`x_NI` (contiguous) with zero rows appended up to `padded_rows` (itself when it has that many).
 
     oneDNN JIT-compiles its kernels for each GEMM shape (~0.4 ms) and keeps them (~0.65 MB per shape
     here, whatever its size) in caches of 1024 entries. Packed micro-batches change length every
@@ -61,7 +71,7 @@ def _pad_rows(x_NI: torch.Tensor) -> torch.Tensor:
     tiny SFT run (rows padded to 16: 132 shapes). Multiples of 64, with the backward sharing the
     forward's kernels, cost ~+22 MB over MKL's run at ~9% more rows through the GEMMs."""
     n = x_NI.shape[0]
-    n_pad = -(-n // BUCKET) * BUCKET
+    n_pad = padded_rows(n)
     if n_pad == n:
         return x_NI
     out = x_NI.new_empty(n_pad, x_NI.shape[1])
@@ -98,20 +108,26 @@ class _LinearFn(torch.autograd.Function):
         grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
         n = grad_NO.shape[0]
         grad_PO = _pad_rows(grad_NO)
-        # W^T made contiguous: grad_x then has the shape of some forward GEMM (gate's is down's), one compiled
-        # kernel set for both; small weight gradients stay with MKL (the least speed-up, the same ~0.65 MB a shape)
-        grad_x = _mm_t(grad_PO, w_OI.t().contiguous())[:n].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        if not ctx.needs_input_grad[1]:
-            grad_w = None
-        elif w_OI.numel() >= SMALL_WEIGHT:
-            grad_w = _mm_t(grad_PO.t(), x_PI.t())
-        else:
-            grad_w = grad_PO.t() @ x_PI
+        grad_x = input_grad(grad_PO, w_OI)[:n].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = weight_grad(grad_PO, x_PI, w_OI) if ctx.needs_input_grad[1] else None
         grad_b = grad_NO.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
+def input_grad(grad_PO: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """grad_PO @ w_OI in oneDNN. W^T is made contiguous so that this GEMM has the shape of some forward
+    GEMM (gate's input gradient is down's forward): one compiled kernel set serves both."""
+    return _mm_t(grad_PO, w_OI.t().contiguous())
+
+
+def weight_grad(grad_PO: torch.Tensor, x_PI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """grad_PO.T @ x_PI: oneDNN for weights of SMALL_WEIGHT elements or more, MKL below (the least
+    speed-up there, for the same ~0.65 MB a compiled shape)."""
+    return _mm_t(grad_PO.t(), x_PI.t()) if w_OI.numel() >= SMALL_WEIGHT else grad_PO.t() @ x_PI
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU, fp32, at least MIN_ROWS rows, no autocast: the inputs `linear` sends to oneDNN."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() >= MIN_ROWS * x.shape[-1]
             and not torch.is_autocast_enabled("cpu"))

@@ -37,6 +37,9 @@ class RoleWorker:
         from rlhf_ops.models.loading import load_tokenizer
         from rlhf_ops.rl.experience import Models
         from rlhf_ops.rl.setup import load_models
+        from rlhf_ops.utils import malloc
+
+        malloc.tune()
 
         os.environ.update(env)
         # as train_ppo's build. Loading pretrained weights draws nothing, so a new critic head draws what it draws

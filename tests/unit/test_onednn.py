@@ -30,7 +30,16 @@ def calls(monkeypatch):
 
 
 def _padded(rows):
-    return -(-rows // onednn.BUCKET) * onednn.BUCKET
+    return onednn.padded_rows(rows)
+
+
+def test_rows_pad_to_64_then_to_an_eighth_of_their_octave():
+    """Few compiled shapes as rows grow: multiples of 64 up to 1024, then at most 8 sizes per octave."""
+    got = {n: onednn.padded_rows(n) for n in (1, 64, 65, 700, 1024, 1025, 1100, 2047, 2049, 3008, 4288)}
+    assert got == {1: 64, 64: 64, 65: 128, 700: 704, 1024: 1024, 1025: 1152, 1100: 1152, 2047: 2048, 2049: 2304,
+                   3008: 3072, 4288: 4608}
+    sizes = {onednn.padded_rows(n) for n in range(2049, 4097)}
+    assert len(sizes) == 8 and all(s % 256 == 0 for s in sizes)
 
 
 def _grads64(x, w, b):

@@ -27,9 +27,9 @@ def _sft_batch(packed):
 
 
 def _rows_seen(model):
-    """How many positions the last MLP's gate projection computes, per forward."""
+    """How many positions the last MLP computes, per forward (its input after `only_rows`' pre-hook)."""
     seen = []
-    handle = last_mlp(model).gate_proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[:-1].numel()))
+    handle = last_mlp(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[:-1].numel()))
     return seen, handle
 
 
