@@ -141,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m flows.rlhf: error: {e}", file=sys.stderr)
         return 2
     global _prestarted
+    head = None
     if a.executor == "ray" and not os.environ.get("RAY_ADDRESS"):
-        _prestarted = _start_head_if_needed(a.preset, stages, overrides, Path(a.output_dir).resolve())
+        head = _start_head_if_needed(a.preset, stages, overrides, Path(a.output_dir).resolve())
+    _prestarted = head
     try:
         state = rlhf(a.preset, a.output_dir, stages, overrides, a.executor, a.hub_repo, return_state=True)
     finally:
-        if _prestarted is not None:
-            _prestarted.close()
+        _prestarted = None
+        if head is not None:
+            head.close()
     if state.is_failed():
         print(f"python -m flows.rlhf: the flow failed: {state.message}", file=sys.stderr)
         return 1
