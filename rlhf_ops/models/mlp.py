@@ -125,8 +125,8 @@ def _fused(original: Callable) -> Callable:
         ws = _weights(self, x) if self.__dict__.get(_MARK) else None
         if ws is None:
             return original(self, x)
-        dnn = type(self.gate_proj) is onednn.Linear and type(self.up_proj) is onednn.Linear \
-            and type(self.down_proj) is onednn.Linear and onednn._eligible(x, ws[0])
+        dnn = all(type(m) is onednn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj)) \
+            and onednn._eligible(x, ws[0])
         return swiglu(x, *ws, dnn=dnn)
 
     forward.__wrapped__ = original
