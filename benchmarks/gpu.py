@@ -19,6 +19,13 @@ bf16 and measures, each through the project's own entry points:
   the NCCL sender runs; NCCL takes one rank per GPU, so a receiving engine needs a second GPU) and
   with "gloo" to a receiver thread in host memory (the transport an engine on the same machine
   without a second GPU would get).
+* **Profile**: the same model and packed batch without the trainer (forward, backward, AdamW in
+  one process): its step time bounds the trainer's MFU, and torch.profiler's top kernels say where
+  the device time goes. Also a plain 8192^3 bf16 matmul, the card's practical ceiling.
+
+Each part is isolated: one that fails or passes `--part_timeout` is recorded as an error in the
+results and the others still run; gpu.json and gpu.md are rewritten after every part, so a call
+cut off at its limit keeps what it measured. `benchmarks/gpu_device.sh` is the lent machine's command.
 
 `--smoke` runs all of it on the CPU with the 1.1M tiny model in fp32 and a few steps, so the
 script is tested where CI runs; its figures are not GPU figures and are labelled so. Writes
@@ -30,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,10 +55,13 @@ GPU_MODEL = {"hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_hea
 SMOKE_MODEL = {}  # make_tiny's defaults: hidden 128, 4 layers
 
 
-def _run(argv: list[str], log: Path, env: dict) -> float:
+def _run(argv: list[str], log: Path, env: dict, timeout_s: float | None = None) -> float:
     t = time.perf_counter()
     with log.open("w") as f:
-        p = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            p = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"timed out after {timeout_s} s: {' '.join(argv)}\n{log.read_text()[-4000:]}") from None
     if p.returncode:
         raise RuntimeError(f"exit {p.returncode}: {' '.join(argv)}\n{log.read_text()[-4000:]}")
     return time.perf_counter() - t
@@ -88,7 +99,7 @@ def sft_mfu(work: Path, model: Path, params: int, sizes: dict, a: argparse.Names
             "--max_samples", str(a.batch * a.sft_steps), "--learning_rate", "1e-4", "--lr_warmup_ratio", "0",
             "--logging_steps", "1", "--zero_stage", "0", "--save_path", str(out / "model"),
             "--ckpt_path", str(out / "ckpt"), *(["--bf16"] if not a.smoke else []), *a.extra_sft]
-    wall = _run(argv, work / "sft.log", env)
+    wall = _run(argv, work / "sft.log", env, a.part_timeout)
     rows = _train_rows(out / "ckpt")
     secs = [rows[i]["seconds"] - rows[i - 1]["seconds"] for i in range(1, len(rows))]  # steps 2..N
     tokens = a.batch * a.seq_len  # every row fills --max_len (truncated), packed into one micro-batch
@@ -119,7 +130,7 @@ def rl_step(work: Path, model: Path, a: argparse.Namespace, env: dict) -> dict:
             "--generate_max_len", str(a.generate_max_len), "--eval_steps", "1000000", "--logging_steps", "1",
             "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
             *(["--bf16"] if not a.smoke else []), *a.extra_rl]
-    wall = _run(argv, work / "rl.log", env)
+    wall = _run(argv, work / "rl.log", env, a.part_timeout)
     rows = _train_rows(out / "ckpt")[1:] or _train_rows(out / "ckpt")  # step 1 warms up
     step = statistics.median(r["time_step"] for r in rows)
     phases = {k: statistics.median(r[f"time_{k}"] for r in rows) for k in ("generate", "score", "logprobs", "train")}
@@ -181,6 +192,81 @@ def weight_sync(model_dir: Path, smoke: bool) -> dict:
     return res
 
 
+def profile_step(model_dir: Path, params: int, sizes: dict, a: argparse.Namespace, peak: float | None) -> dict:
+    """Where an SFT step's device time goes, without the trainer: the same model (bf16 on a GPU, with the
+    project's fast paths and packed attention) on one packed row of `batch` x `seq_len` tokens, forward,
+    backward and AdamW, timed in-process (its MFU bounds what the trainer can reach), then two steps
+    under torch.profiler: the ops with the most device (CPU under --smoke) time. Also the card's plain
+    bf16 matmul rate (8192^3), the practical ceiling that the nominal peak overstates."""
+    import torch
+    import torch.nn.functional as F
+
+    from rlhf_ops.models.loading import load_causal_lm
+
+    dev = "cpu" if a.smoke else "cuda"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    res: dict = {}
+    if dev == "cuda":
+        x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            x @ x
+        sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            x @ x
+        sync()
+        res["matmul_8192_tflops"] = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
+        del x
+    model = load_causal_lm(str(model_dir), bf16=not a.smoke).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    n = a.batch * a.seq_len
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(dev)
+    pos = torch.arange(a.seq_len).repeat(a.batch)[None].to(dev)  # packed: positions restart per row
+
+    def step() -> None:
+        logits = model(input_ids=ids, position_ids=pos).logits
+        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    L, h = sizes.get("num_layers", 4), sizes.get("hidden_size", 128)
+    step_s = statistics.median(times)
+    achieved = (6 * params + 6 * L * h * a.seq_len) * n / step_s
+    res.update(step_s_median=step_s, achieved_tflops=achieved / 1e12, mfu=achieved / (peak * 1e12) if peak else None)
+    if dev == "cuda":
+        res["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    if dev == "cuda":  # kernels (and copies) only: an aten op's device time would count its kernels twice
+        key = "self_device_time_total"
+        evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and getattr(e, key) > 0]
+    else:
+        key = "self_cpu_time_total"
+        evs = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in evs) or 1.0
+    evs.sort(key=lambda e: getattr(e, key), reverse=True)
+    res["top_ops"] = [{"name": e.key[:90], "calls": e.count // 2, "ms_per_step": getattr(e, key) / 2e3,
+                       "share": getattr(e, key) / total} for e in evs[:15]]
+    res["profiled_ms_per_step"] = total / 2e3  # GPU: kernel-busy time; the rest of step_s is launch gaps
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -191,7 +277,9 @@ def main() -> None:
     ap.add_argument("--rl_steps", type=int, default=None, help="GPU 4, smoke 2")
     ap.add_argument("--generate_max_len", type=int, default=None, help="GPU 256, smoke 16")
     ap.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: by name)")
-    ap.add_argument("--parts", default="sft,rl,sync")
+    ap.add_argument("--parts", default="sft,profile,sync,rl")
+    ap.add_argument("--part_timeout", type=float, default=600, help="seconds each subprocess part may run")
+    ap.add_argument("--logs", action="store_true", help="also copy the trainers' logs to --out (sft.log, rl.log)")
     ap.add_argument("--extra_sft", nargs="*", default=[], help="more train_sft flags (e.g. --flash_attn)")
     ap.add_argument("--extra_rl", nargs="*", default=[], help="more train_ppo flags")
     a = ap.parse_args()
@@ -226,15 +314,40 @@ def main() -> None:
         with torch.device("meta"):
             params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
         res["params"] = params
-        for part, fn in (("sft", lambda: sft_mfu(work, model, params, sizes, a, env, peak)),
-                         ("rl", lambda: rl_step(work, model, a, env)), ("sync", lambda: weight_sync(model, a.smoke))):
-            if part in parts:
-                print(f"gpu.py: {part} ...", file=sys.stderr, flush=True)
+        parts_fn = (("sft", lambda: sft_mfu(work, model, params, sizes, a, env, peak)),
+                    ("profile", lambda: profile_step(model, params, sizes, a, peak)),
+                    ("sync", lambda: weight_sync(model, a.smoke)), ("rl", lambda: rl_step(work, model, a, env)))
+        failed = []
+        for part, fn in parts_fn:
+            if part not in parts:
+                continue
+            print(f"gpu.py: {part} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            try:
                 res[part] = fn()
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n")
-    (a.out / "gpu.md").write_text(report(res) + "\n")
+            except Exception as e:  # noqa: BLE001 - one part's failure must not lose the others' figures
+                import traceback
+
+                traceback.print_exc()
+                res[part] = {"error": f"{type(e).__name__}: {e}"[-3000:]}
+                failed.append(part)
+            print(f"gpu.py: {part} done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+            _write(a.out, res)  # after each part: a later part's crash or timeout keeps these
+            if a.logs:
+                for log in ("sft.log", "rl.log"):
+                    if (work / log).exists():
+                        shutil.copyfile(work / log, a.out / log)
     print(report(res))
+    if failed:
+        raise SystemExit(f"gpu.py: failed parts: {', '.join(failed)} (see gpu.json)")
+
+
+def _write(out: Path, res: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu.json", json.dumps(res, indent=2) + "\n"), ("gpu.md", report(res) + "\n")):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
 
 def report(r: dict) -> str:
@@ -242,6 +355,10 @@ def report(r: dict) -> str:
              f"parameters ({r['model_sizes']})", ""]
     if r["smoke"]:
         lines += ["**--smoke: CPU, tiny fp32 model. These are not GPU figures.**", ""]
+    for part in ("sft", "profile", "sync", "rl"):
+        if "error" in r.get(part, {}):
+            lines += [f"**{part}: failed**: `{r[part]['error'].splitlines()[0][:300]}`", ""]
+    r = {k: v for k, v in r.items() if not (isinstance(v, dict) and "error" in v)}
     if "sft" in r:
         s = r["sft"]
         mfu = f"{100 * s['mfu']:.1f}% of {s['peak_tflops']:.0f} TFLOP/s" if s["mfu"] is not None else "n/a (no peak known)"
@@ -259,6 +376,16 @@ def report(r: dict) -> str:
         lines += [f"Weight sync of {w['bytes'] / 1e6:.1f} MB: gather {w['gather_s']:.4f} s, pack {w['pack_s']:.4f} s, "
                   + (f"NCCL self-broadcast (group of one) {w['nccl_self_broadcast_s']:.4f} s, " if "nccl_self_broadcast_s" in w else "")
                   + f"gloo to a host-memory receiver {w['gloo_to_host_s']:.4f} s (best of 3 each)", ""]
+    if "profile" in r:
+        p = r["profile"]
+        mm = f"; plain bf16 matmul 8192^3: {p['matmul_8192_tflops']:.0f} TFLOP/s" if "matmul_8192_tflops" in p else ""
+        mfu = f", MFU {100 * p['mfu']:.1f}%" if p.get("mfu") is not None else ""
+        lines += [f"Model step without the trainer (same packed batch, forward + backward + AdamW, in-process): "
+                  f"{p['step_s_median']:.4f} s, {p['achieved_tflops']:.2f} TFLOP/s{mfu}{mm}; profiled "
+                  f"{'kernel' if 'matmul_8192_tflops' in p else 'op'} time {p['profiled_ms_per_step']:.1f} ms per step", "",
+                  "| op (profiler, 2 steps) | calls/step | ms/step | share |", "|---|---|---|---|"]
+        lines += [f"| `{o['name']}` | {o['calls']} | {o['ms_per_step']:.2f} | {100 * o['share']:.1f}% |" for o in p["top_ops"]]
+        lines.append("")
     return "\n".join(lines)
 
 

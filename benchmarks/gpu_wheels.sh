@@ -4,12 +4,13 @@
 # torch (CUDA) and most of the stack, and no network. This script, run HERE (registry reachable),
 # fills .whl/ (git-ignored via .git/info/exclude), about 20 MB; the device call then carries it:
 #
-#   run(carry=[".whl"], timeout_s=540, command=
-#     "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-#      && export PYTHONPATH=/tmp/site && DS_BUILD_OPS=0 python3 benchmarks/gpu.py --out $OUT")
+#   run(carry=[".whl"], timeout_s=480, command="bash benchmarks/gpu_device.sh")
 #
 # Versions are this project's tested ones (.venv), except huggingface_hub: the image's 1.33 satisfies
-# transformers (>=1.31), and 2.x would need httpx2, which the image lacks. deepspeed has no wheel on PyPI: it is built here
+# transformers (>=1.31), and 2.x would need httpx2, which the image lacks. typing_extensions, regex and fsspec
+# are in the image in versions not read here: carried so that pydantic, transformers and datasets get
+# the versions they were tested with. pyarrow (datasets wants >=24) is not: its 55 MB wheel would put
+# the call over its 64 MiB, so the image's is used (gpu_device.sh records its version). deepspeed has no wheel on PyPI: it is built here
 # as pure Python (its ops compile on first use, and gpu.py uses none of them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,8 @@ rm -rf .whl && mkdir -p .whl
 py=.venv/bin/python
 ver() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pkgs=()
-for p in transformers datasets dill multiprocess hjson pydantic pydantic_core annotated-types typing-inspection; do
+for p in transformers datasets dill multiprocess hjson pydantic pydantic_core annotated-types typing-inspection \
+    typing_extensions regex fsspec; do
   pkgs+=("$p==$(ver "$p")")
 done
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

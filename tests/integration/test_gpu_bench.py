@@ -35,8 +35,23 @@ def test_smoke_run_measures_every_part_and_labels_its_figures(tmp_path):
     sync = r["sync"]
     assert sync["bytes"] == 4 * r["params"]                       # fp32: every parameter once
     assert "nccl_self_broadcast_s" not in sync                    # NCCL is only tried on a GPU
+    prof = r["profile"]                                           # the same packed batch without the trainer
+    assert prof["step_s_median"] > 0 and "matmul_8192_tflops" not in prof  # no GPU matmul on a CPU
+    assert 0 < len(prof["top_ops"]) <= 15 and sum(o["share"] for o in prof["top_ops"]) <= 1.0 + 1e-9
+    assert prof["top_ops"] == sorted(prof["top_ops"], key=lambda o: o["ms_per_step"], reverse=True)
     md = (tmp_path / "gpu.md").read_text()
     assert "These are not GPU figures" in md and "train_sft" in md and "train_ppo" in md
+    assert "Model step without the trainer" in md
+
+
+def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path):
+    p = _run("--smoke", "--parts", "rl,sync", "--logs", "--extra_rl=--no_such_flag", out=tmp_path)
+    assert p.returncode != 0 and "failed parts: rl" in p.stderr
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert "no_such_flag" in r["rl"]["error"] and "sft" not in r and "profile" not in r
+    assert r["sync"]["bytes"] == 4 * r["params"]                 # measured although rl failed
+    assert "no_such_flag" in (tmp_path / "rl.log").read_text()    # --logs keeps the trainer's log
+    assert "**rl: failed**" in (tmp_path / "gpu.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
