@@ -262,7 +262,7 @@ def profile_step(model_dir: Path, params: int, sizes: dict, a: argparse.Namespac
     total = sum(getattr(e, key) for e in evs) or 1.0
     evs.sort(key=lambda e: getattr(e, key), reverse=True)
     res["top_ops"] = [{"name": e.key[:90], "calls": e.count // 2, "ms_per_step": getattr(e, key) / 2e3,
-                       "share": getattr(e, key) / total} for e in evs[:15]]
+                       "share": getattr(e, key) / total} for e in evs[:25]]
     res["profiled_ms_per_step"] = total / 2e3  # GPU: kernel-busy time; the rest of step_s is launch gaps
     return res
 

@@ -23,6 +23,7 @@ for p in transformers datasets dill multiprocess hjson pydantic pydantic_core an
     typing_extensions regex fsspec; do
   pkgs+=("$p==$(ver "$p")")
 done
+pkgs+=("liger-kernel==0.8.5")  # not a project dependency (GPU-only, Triton): gpu_device.sh's --use_liger_kernel run
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "${pkgs[@]}"

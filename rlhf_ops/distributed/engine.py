@@ -8,6 +8,8 @@ handles (see shared/STACK-FACTS.md):
 - DeepSpeed's own Adam would compile fused/cpu Adam (~130-160 s): we pass torch's AdamW
   (`zero_allow_untested_optimizer`), except on GPU with --adam_offload where DeepSpeedCPUAdam is
   the point of the option.
+- --bf16 with --zero_stage 0 trains as stage 1 (`train_stage`): DeepSpeed 0.19 has no optimizer with
+  fp32 master weights at stage 0 and refuses bf16 weights with fp32 gradient accumulation there.
 """
 from __future__ import annotations
 
@@ -63,12 +65,24 @@ def grad_accumulation_steps(train_batch_size: int, micro_batch_size: int, world_
     return train_batch_size // per_step
 
 
+def train_stage(cfg: Any) -> int:
+    """The ZeRO stage a trained model runs at: --zero_stage, except 1 for --bf16 with --zero_stage 0.
+
+    At stage 0 DeepSpeed 0.19 either trains bf16 weights with bf16 gradients and no fp32 copy (Adam's
+    small updates round away in bf16's 8-bit mantissa) or, with the fp32 gradient accumulation asked
+    for here, refuses to start ("unsupported mix of model_dtype=torch.bfloat16 and
+    grad_accum_dtype=torch.float32"). Stage 1 with bf16 is its BF16_Optimizer: fp32 master weights,
+    gradients accumulated in fp32, optimizer state split over data-parallel ranks, the same update.
+    In a world of one nothing is split."""
+    return 1 if cfg.bf16 and cfg.zero_stage == 0 else cfg.zero_stage
+
+
 def ds_config(cfg: Any, world_size: int, *, train: bool = True) -> dict:
     """The DeepSpeed config dict for a TrainOptions-like `cfg`."""
     gas = grad_accumulation_steps(cfg.train_batch_size, cfg.micro_train_batch_size, world_size)
     offload = getattr(cfg, "adam_offload", False) and train
     zero = {
-        "stage": cfg.zero_stage,
+        "stage": train_stage(cfg) if train else cfg.zero_stage,
         "overlap_comm": getattr(cfg, "overlap_comm", False),
         "offload_optimizer": {"device": "cpu" if offload else "none", "pin_memory": on_gpu()},
         "offload_param": {"device": "none"},
@@ -177,7 +191,8 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
     rank, world = init_distributed()
     conf = ds_config(cfg, world)
     # ZeRO-0 fp32: clip here, ~1.7 ms per optimizer step less than DeepSpeed's loop on the tiny model
-    own_clip = cfg.zero_stage == 0 and not cfg.bf16 and conf["gradient_clipping"] > 0
+    stage = conf["zero_optimization"]["stage"]
+    own_clip = stage == 0 and not cfg.bf16 and conf["gradient_clipping"] > 0
     if own_clip:
         conf["gradient_clipping"] = 0.0
     lr = cfg.learning_rate if lr is None else lr
@@ -187,7 +202,7 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
     sched = make_scheduler(opt, cfg.lr_scheduler, total_steps, cfg.lr_warmup_ratio, lr)
     module, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf,
                                       dist_init_required=False)
-    if world == 1 and cfg.zero_stage == 0:
+    if world == 1 and stage == 0:
         # a world of one has nothing to all-reduce; DeepSpeed would still flatten, "reduce" and copy back
         # every gradient at each optimizer step (~5 ms per step on the tiny model, benchmarks/trl_compare.py)
         module.enable_backward_allreduce = False

@@ -37,7 +37,7 @@ def test_smoke_run_measures_every_part_and_labels_its_figures(tmp_path):
     assert "nccl_self_broadcast_s" not in sync                    # NCCL is only tried on a GPU
     prof = r["profile"]                                           # the same packed batch without the trainer
     assert prof["step_s_median"] > 0 and "matmul_8192_tflops" not in prof  # no GPU matmul on a CPU
-    assert 0 < len(prof["top_ops"]) <= 15 and sum(o["share"] for o in prof["top_ops"]) <= 1.0 + 1e-9
+    assert 0 < len(prof["top_ops"]) <= 25 and sum(o["share"] for o in prof["top_ops"]) <= 1.0 + 1e-9
     assert prof["top_ops"] == sorted(prof["top_ops"], key=lambda o: o["ms_per_step"], reverse=True)
     md = (tmp_path / "gpu.md").read_text()
     assert "These are not GPU figures" in md and "train_sft" in md and "train_ppo" in md
