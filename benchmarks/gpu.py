@@ -217,7 +217,8 @@ def profile_step(model_dir: Path, params: int, sizes: dict, a: argparse.Namespac
         sync()
         res["matmul_8192_tflops"] = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
         del x
-    model = load_causal_lm(str(model_dir), bf16=not a.smoke).to(dev)
+    liger = "--use_liger_kernel" in a.extra_sft  # profile what the SFT part ran
+    model = load_causal_lm(str(model_dir), bf16=not a.smoke, use_liger_kernel=liger).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     n = a.batch * a.seq_len
     g = torch.Generator().manual_seed(0)
@@ -263,6 +264,7 @@ def profile_step(model_dir: Path, params: int, sizes: dict, a: argparse.Namespac
     evs.sort(key=lambda e: getattr(e, key), reverse=True)
     res["top_ops"] = [{"name": e.key[:90], "calls": e.count // 2, "ms_per_step": getattr(e, key) / 2e3,
                        "share": getattr(e, key) / total} for e in evs[:25]]
+    res["use_liger_kernel"] = liger
     res["profiled_ms_per_step"] = total / 2e3  # GPU: kernel-busy time; the rest of step_s is launch gaps
     return res
 
@@ -380,7 +382,8 @@ def report(r: dict) -> str:
         p = r["profile"]
         mm = f"; plain bf16 matmul 8192^3: {p['matmul_8192_tflops']:.0f} TFLOP/s" if "matmul_8192_tflops" in p else ""
         mfu = f", MFU {100 * p['mfu']:.1f}%" if p.get("mfu") is not None else ""
-        lines += [f"Model step without the trainer (same packed batch, forward + backward + AdamW, in-process): "
+        lines += [f"Model step without the trainer (same packed batch, forward + backward + AdamW, in-process"
+                  f"{', --use_liger_kernel' if p.get('use_liger_kernel') else ''}): "
                   f"{p['step_s_median']:.4f} s, {p['achieved_tflops']:.2f} TFLOP/s{mfu}{mm}; profiled "
                   f"{'kernel' if 'matmul_8192_tflops' in p else 'op'} time {p['profiled_ms_per_step']:.1f} ms per step", "",
                   "| op (profiler, 2 steps) | calls/step | ms/step | share |", "|---|---|---|---|"]

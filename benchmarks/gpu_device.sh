@@ -21,6 +21,14 @@ for p in ('torch', 'triton', 'liger_kernel', 'transformers', 'tokenizers', 'deep
 import torch, transformers, deepspeed, datasets; print('imports ok; cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-python3 benchmarks/gpu.py --out "$OUT" --logs --part_timeout "${PART_TIMEOUT:-240}" "$@" 2>&1 | tee "$OUT/gpu_stdout.log"
-python3 benchmarks/gpu.py --out "$OUT/liger" --parts sft --part_timeout "${PART_TIMEOUT:-240}" \
-  --extra_sft=--use_liger_kernel 2>&1 | tail -n 30
+# MAIN_PARTS / LIGER_PARTS pick the parts of each run ("" skips that run)
+MAIN_PARTS=${MAIN_PARTS-sft,profile,sync,rl}
+LIGER_PARTS=${LIGER_PARTS-sft,profile}
+if [ -n "$MAIN_PARTS" ]; then
+  python3 benchmarks/gpu.py --out "$OUT" --logs --parts "$MAIN_PARTS" --part_timeout "${PART_TIMEOUT:-240}" "$@" 2>&1 \
+    | tee "$OUT/gpu_stdout.log"
+fi
+if [ -n "$LIGER_PARTS" ]; then
+  python3 benchmarks/gpu.py --out "$OUT/liger" --parts "$LIGER_PARTS" --part_timeout "${PART_TIMEOUT:-240}" \
+    --extra_sft=--use_liger_kernel 2>&1 | tail -n 45
+fi

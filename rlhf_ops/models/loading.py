@@ -61,7 +61,11 @@ def load_causal_lm(path: str, *, bf16: bool = False, flash_attn: bool = False, u
         if use_liger_kernel:
             _require_gpu_package("use_liger_kernel", "liger-kernel", "liger_kernel")
             from liger_kernel.transformers import AutoLigerKernelForCausalLM
-            model = AutoLigerKernelForCausalLM.from_pretrained(path, **kwargs)
+            # Liger's kernels (RoPE, RMSNorm, SwiGLU), not its fused linear cross-entropy forward: that
+            # replaces the model's forward with one that takes `logits_to_keep` as an int or 1-D index
+            # only, and the losses here pass a [B, T] boolean mask so the LM head runs at targets alone
+            # (`models.forward`). Seen on an H100: "too many indices for tensor of dimension 3".
+            model = AutoLigerKernelForCausalLM.from_pretrained(path, fused_linear_cross_entropy=False, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
