@@ -13,7 +13,7 @@ saves ~0.7 ms of a ~37 ms step (same process, alternating 8 x 40 steps).
 `patch(model)` swaps `apply_rotary_pos_emb` in the model's modeling module when that module's
 function and its `rotate_half` are Llama's code (same bytecode: Llama, Mistral, Qwen2/3, Mixtral,
 Gemma, ...). Any other model keeps its own. The swap is process-wide for that module, as
-`--use_liger_kernel`'s is; Liger's own RoPE is left in place.
+`--use_liger_kernel`'s is; a function another library put there (Liger's) is left in place.
 """
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def _is_llama_rope(module: ModuleType) -> bool:
     if getattr(fn, "__code__", None) is None or getattr(rot, "__code__", None) is None:
         return False
     llama_fn = getattr(llama, _ORIGINAL, llama.apply_rotary_pos_emb)
+    # another library's swap (Liger's, under --use_liger_kernel) stays: compared with the function that
+    # replaced Llama's own it would match itself. Seen on an H100: our RoPE had displaced Liger's kernel.
+    if not (fn.__module__.startswith("transformers.") and llama_fn.__module__.startswith("transformers.")):
+        return False
     return (_fingerprint(fn.__code__) == _fingerprint(llama_fn.__code__)
             and _fingerprint(rot.__code__) == _fingerprint(llama.rotate_half.__code__))
 

@@ -56,6 +56,38 @@ def test_packed_sdpa_equals_block_masked_attention_values_and_grads(heads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_backward_gives_autograds_gradients_bit_for_bit(dtype, monkeypatch):
+    """The gathers' own backward (attention._Gather) against autograd's index_add, same inputs: with and
+    without it the outputs and the q/k/v gradients are equal, each token's gradient read from its one slot."""
+    from rlhf_ops.models import attention
+
+    Hq, Hkv = 4, 2
+    g = torch.Generator().manual_seed(1)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]])
+    qkv = [torch.randn(2, h, 10, 8, generator=g).to(dtype).requires_grad_() for h in (Hq, Hkv, Hkv)]
+    w = torch.randn(2, 10, Hq, 8, generator=g).to(dtype)
+
+    def run(gather: bool):
+        monkeypatch.setattr(attention, "GATHER_BACKWARD", gather)
+        lay = packed_layout(pos)
+        assert (lay.zero_src_SL is not None) == gather
+        out = packed_sdpa_BHTD(*qkv, lay, None)
+        return out, torch.autograd.grad((out.float() * w.float()).sum(), qkv)
+
+    (out_a, grads_a), (out_b, grads_b) = run(True), run(False)
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(bool(x.abs().sum() > 0) for x in grads_a)
+
+
+def test_zero_src_reads_each_token_once_and_the_zero_row_for_padding():
+    lay = packed_layout(torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    assert lay.zero_src_SL.tolist() == [0, 1, 2, 3, 4, 6, 5, 6, 6]  # 6 = the zero row appended to 6 tokens
+    # shared prefixes (branches starting at a position > 0) read a token into several slots: autograd's sum
+    assert packed_layout(torch.tensor([[0, 1, 2, 3, 2, 3]])).zero_src_SL is None
+
+
 @pytest.fixture(scope="module")
 def models(tiny_model_dir):
     from transformers import AutoModelForCausalLM

@@ -54,3 +54,19 @@ def test_another_rope_is_left_alone():
                                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
     assert not rope.patch(model)
     assert phi3.apply_rotary_pos_emb is before
+
+
+def test_a_third_party_swap_of_llamas_rope_is_left_in_place(tiny_model_dir, monkeypatch):
+    """--use_liger_kernel swaps modeling_llama.apply_rotary_pos_emb for Liger's Triton kernel before the model
+    loads. Compared with Llama's function, which it now is, it would match itself; it must stay."""
+    def liger_like(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):  # a stand-in: Liger needs a GPU
+        return llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    liger_like.__module__ = "liger_kernel.transformers.rope"
+    model = load_causal_lm(str(tiny_model_dir))  # patched: ours is in place
+    rope.unpatch(model)
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", liger_like)
+    assert not rope.patch(model)
+    assert llama.apply_rotary_pos_emb is liger_like
+    monkeypatch.undo()
+    assert rope.patch(model) and llama.apply_rotary_pos_emb is rope.apply_rotary_pos_emb  # Llama's own: swapped
