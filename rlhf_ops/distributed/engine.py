@@ -1,4 +1,5 @@
-"""The one DeepSpeed engine every trainer uses (SFT, RM, PRM, DPO, actor, critic).
+"""The one training engine every trainer uses (SFT, RM, PRM, DPO, actor, critic): DeepSpeed's, or in a
+world of one at ZeRO-0 in fp32 `local_engine.LocalEngine` (the same arithmetic, without importing DeepSpeed).
 
 The same code runs on a CPU (gloo, fp32) and on GPUs (nccl, bf16). CPU-specific facts it
 handles (see shared/STACK-FACTS.md):
@@ -8,6 +9,8 @@ handles (see shared/STACK-FACTS.md):
 - DeepSpeed's own Adam would compile fused/cpu Adam (~130-160 s): we pass torch's AdamW
   (`zero_allow_untested_optimizer`), except on GPU with --adam_offload where DeepSpeedCPUAdam is
   the point of the option.
+- the process group is torch's own (`init_distributed`); DeepSpeed's communication layer joins it
+  when DeepSpeed is first needed (`import_deepspeed`);
 - --bf16 with --zero_stage 0 trains as stage 1 (`train_stage`): DeepSpeed 0.19 has no optimizer with
   fp32 master weights at stage 0 and refuses bf16 weights with fp32 gradient accumulation there.
 """
@@ -44,16 +47,28 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     gpu = on_gpu()
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    if not gpu:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo",
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not torch.distributed.is_initialized():  # torch's own: DeepSpeed is imported only where an engine needs it
+        torch.distributed.init_process_group(backend="nccl" if gpu else "gloo",
+                                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def import_deepspeed(timeout_minutes: int = 30) -> Any:
+    """DeepSpeed, imported, with its communication layer on the process group `init_distributed` made
+    (idempotent). Before anything of DeepSpeed's runs: an engine, or ZeRO-3's partitioned loading, which
+    reads the world size from that layer."""
+    import datetime
+
+    import deepspeed
+
+    gpu = on_gpu()
+    if not gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo",
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    return deepspeed
 
 
 def grad_accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -161,7 +176,7 @@ class Engine:
     `create_engine` sets it where DeepSpeed would clip the plain fp32 gradients (ZeRO-0, no bf16),
     after DeepSpeed's data-parallel all-reduce, and turns DeepSpeed's own clipping off.
     """
-    module: Any  # deepspeed.DeepSpeedEngine
+    module: Any  # deepspeed.DeepSpeedEngine, or local_engine.LocalEngine
     world_size: int
     rank: int
     grad_accum: int
@@ -185,8 +200,9 @@ class Engine:
 
 
 def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: float | None = None) -> Engine:
-    """Wrap `model` in a DeepSpeed engine with the optimizer and schedule that `cfg` describes."""
-    import deepspeed
+    """Wrap `model` in a DeepSpeed engine with the optimizer and schedule that `cfg` describes; in a world
+    of one at ZeRO-0 in fp32, in a `LocalEngine` (the same arithmetic without importing DeepSpeed)."""
+    from rlhf_ops.distributed import local_engine
 
     rank, world = init_distributed()
     conf = ds_config(cfg, world)
@@ -200,11 +216,18 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = make_optimizer(model, lr, tuple(cfg.adam_betas), cfg.l2, cpu_adam=cfg.adam_offload and on_gpu())
     sched = make_scheduler(opt, cfg.lr_scheduler, total_steps, cfg.lr_warmup_ratio, lr)
+    gas = conf["gradient_accumulation_steps"]
+    if (world == 1 and stage == 0 and not cfg.bf16 and not getattr(cfg, "adam_offload", False)
+            and "tensor_parallel" not in conf and local_engine.wanted()):
+        device = f"cuda:{torch.cuda.current_device()}" if on_gpu() else "cpu"
+        return Engine(module=local_engine.LocalEngine(model, opt, sched, gas, device), world_size=world, rank=rank,
+                      grad_accum=gas, clip_norm=float(cfg.max_norm) if own_clip else 0.0)
+    deepspeed = import_deepspeed()
     module, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf,
                                       dist_init_required=False)
     if world == 1 and stage == 0:
         # a world of one has nothing to all-reduce; DeepSpeed would still flatten, "reduce" and copy back
         # every gradient at each optimizer step (~5 ms per step on the tiny model, benchmarks/trl_compare.py)
         module.enable_backward_allreduce = False
-    return Engine(module=module, world_size=world, rank=rank, grad_accum=conf["gradient_accumulation_steps"],
+    return Engine(module=module, world_size=world, rank=rank, grad_accum=gas,
                   clip_norm=float(cfg.max_norm) if own_clip else 0.0)

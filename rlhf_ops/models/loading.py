@@ -93,5 +93,8 @@ def fast_paths(model: torch.nn.Module) -> None:
 def _zero3_context(ds_config: dict | None) -> Any:
     if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
+
+        from rlhf_ops.distributed.engine import import_deepspeed
+        import_deepspeed()  # partitions over DeepSpeed's view of the world: its comm layer must be up
         return HfDeepSpeedConfig(ds_config)
     return None

@@ -1,0 +1,129 @@
+"""rlhf_ops.distributed.local_engine: a world of one at ZeRO-0 in fp32 trains without DeepSpeed, with the
+same losses and weights as DeepSpeed's engine, and its checkpoints resume exactly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhf_ops.config import ConfigError
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from rlhf_ops.models.tiny import make_tiny
+    return make_tiny(tmp_path_factory.mktemp("local_engine") / "model", seed=0, **TINY)
+
+
+def _cfg(model_dir, **kw):
+    from rlhf_ops.trainers.sft import SFTConfig
+    base = dict(pretrain=str(model_dir), dataset="unused", input_key="text", pretrain_mode=True,
+                train_batch_size=4, micro_train_batch_size=2, zero_stage=0, max_norm=0.05,  # clips every step
+                learning_rate=1e-3, lr_warmup_ratio=0.5, lr_scheduler="cosine_with_min_lr")
+    return SFTConfig(**(base | kw))
+
+
+def _engine(model_dir, monkeypatch, local: bool, **kw):
+    from rlhf_ops.distributed.engine import create_engine
+    from rlhf_ops.models.loading import load_causal_lm
+    monkeypatch.setenv("RLHF_OPS_LOCAL_ENGINE", "1" if local else "0")
+    eng = create_engine(load_causal_lm(str(model_dir)), _cfg(model_dir, **kw), total_steps=4)
+    assert (type(eng.module).__name__ == "LocalEngine") == local
+    return eng
+
+
+def _micro_batches(n: int):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 100, (2, 9), generator=g) for _ in range(n)]
+
+
+def _train(eng, batches) -> tuple[list[float], list[float]]:
+    losses, lrs = [], []
+    for ids in batches:
+        logits = eng.module(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        eng.backward_step(loss)
+        losses.append(loss.item())
+        lrs.append(eng.lr)
+    return losses, lrs
+
+
+def _weights(eng):
+    return {n: p.detach().clone() for n, p in eng.model.named_parameters()}
+
+
+def test_same_losses_lrs_and_weights_as_deepspeeds_engine(model_dir, monkeypatch):
+    batches = _micro_batches(6)  # 3 optimizer steps of 2 accumulated micro-batches, clipped, warmup then cosine
+    ours, theirs = _engine(model_dir, monkeypatch, True), _engine(model_dir, monkeypatch, False)
+    assert ours.grad_accum == theirs.grad_accum == 2
+    run_ours, run_theirs = _train(ours, batches), _train(theirs, batches)
+    assert run_ours == run_theirs
+    assert run_ours[1] == pytest.approx([0.0, 5e-4, 5e-4, 1e-3, 1e-3, 5.5e-4])  # moved at optimizer steps only
+    w_ours, w_theirs, w0 = _weights(ours), _weights(theirs), _weights(_engine(model_dir, monkeypatch, True))
+    assert all(torch.equal(w_ours[n], w_theirs[n]) for n in w_ours)
+    assert all(not torch.equal(w_ours[n], w0[n]) for n in w_ours)  # every weight trained
+
+
+def test_a_resumed_run_continues_exactly(model_dir, monkeypatch, tmp_path):
+    batches = _micro_batches(8)
+    straight = _engine(model_dir, monkeypatch, True)
+    _train(straight, batches)
+    first = _engine(model_dir, monkeypatch, True)
+    _train(first, batches[:4])
+    first.module.save_checkpoint(str(tmp_path / "global_step2"), tag="model", client_state={"step": 2})
+    assert [p.name for p in (tmp_path / "global_step2" / "model").iterdir()] == ["local_engine_states.pt"]
+    resumed = _engine(model_dir, monkeypatch, True)
+    path, client = resumed.module.load_checkpoint(str(tmp_path / "global_step2"), tag="model")
+    assert client == {"step": 2} and path.endswith("model")
+    assert resumed.module.global_steps == 2 and resumed.module.micro_steps == 4
+    rest, rest_straight = _train(resumed, batches[4:]), _train(_engine(model_dir, monkeypatch, True), batches)
+    assert rest[1] == rest_straight[1][4:]                 # the schedule resumes where it stopped
+    w_straight, w_resumed = _weights(straight), _weights(resumed)
+    assert all(torch.equal(w_straight[n], w_resumed[n]) for n in w_straight)
+
+
+def test_a_deepspeed_checkpoint_is_refused_with_what_to_do(model_dir, monkeypatch, tmp_path):
+    theirs = _engine(model_dir, monkeypatch, False)
+    theirs.module.save_checkpoint(str(tmp_path / "global_step1"), tag="model", client_state={}, save_latest=False)
+    ours = _engine(model_dir, monkeypatch, True)
+    with pytest.raises(ConfigError, match=r"global_step1/model: no local_engine_states.pt .*DeepSpeed's files"):
+        ours.module.load_checkpoint(str(tmp_path / "global_step1"), tag="model")
+
+
+@pytest.mark.parametrize("kw,local", [(dict(bf16=True), False), (dict(zero_stage=2), False), ({}, True)])
+def test_only_fp32_zero0_in_a_world_of_one_is_local(model_dir, monkeypatch, kw, local):
+    _engine(model_dir, monkeypatch, local, **kw)  # asserts the engine's kind
+
+
+def test_such_a_process_never_imports_deepspeed(model_dir):
+    code = f"""
+import sys, torch
+from rlhf_ops.distributed.engine import create_engine
+from rlhf_ops.models.loading import load_causal_lm
+from rlhf_ops.trainers.sft import SFTConfig
+cfg = SFTConfig(pretrain={str(model_dir)!r}, dataset="unused", input_key="text", pretrain_mode=True,
+                train_batch_size=2, micro_train_batch_size=2, zero_stage=0)
+eng = create_engine(load_causal_lm(cfg.pretrain), cfg, total_steps=1)
+ids = torch.tensor([[5, 6, 7, 8]])
+eng.backward_step(eng.module(input_ids=ids).logits.float().mean())
+print("deepspeed" in sys.modules, type(eng.module).__name__, torch.distributed.is_initialized())
+"""
+    env = {k: v for k, v in os.environ.items()  # a fresh world of one, not this test process's
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-3:] == ["False", "LocalEngine", "True"]
+
+
+def test_the_models_attributes_show_through_as_deepspeeds_do(model_dir, monkeypatch):
+    from rlhf_ops.models.lora import is_peft
+    ours, theirs = _engine(model_dir, monkeypatch, True), _engine(model_dir, monkeypatch, False)
+    for eng in (ours, theirs):
+        assert eng.module.get_input_embeddings() is eng.model.get_input_embeddings() and not is_peft(eng.module)
+    with pytest.raises(AttributeError):
+        ours.module.no_such_attribute
