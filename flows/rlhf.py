@@ -50,7 +50,8 @@ class _Cluster:
                 self._address = os.environ["RAY_ADDRESS"]
             elif _prestarted is not None and _prestarted.address() is not None:
                 self._address = _prestarted.address()
-                self._stack.callback(_prestarted.close)
+                head = _prestarted
+                self._stack.push(lambda exc_type, *_: head.close(failed=exc_type is not None))
             else:
                 from tasks.ray_jobs import local_head
                 self._address = self._stack.enter_context(local_head(log=self.log))
@@ -60,7 +61,7 @@ class _Cluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+        self._stack.__exit__(*exc)  # a stage's failure reaches the head's context: it keeps its logs
 
 
 @flow(name="rlhf", log_prints=True)
@@ -145,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.executor == "ray" and not os.environ.get("RAY_ADDRESS"):
         head = _start_head_if_needed(a.preset, stages, overrides, Path(a.output_dir).resolve())
     _prestarted = head
+    state = None
     try:
         state = rlhf(a.preset, a.output_dir, stages, overrides, a.executor, a.hub_repo, return_state=True)
     finally:
         _prestarted = None
         if head is not None:
-            head.close()
+            head.close(failed=state is None or state.is_failed())
     if state.is_failed():
         print(f"python -m flows.rlhf: the flow failed: {state.message}", file=sys.stderr)
         return 1

@@ -127,11 +127,16 @@ class BackgroundHead:
             raise self._error
         return self._address
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop the head; after a failed flow (`failed`) its temp dir, with the session logs, is kept."""
         self._thread.join()
         if self._cm is not None and not self._closed:
             self._closed = True
-            self._cm.__exit__(None, None, None)
+            if failed:  # what local_head() sees when its block raises: it keeps the logs and says where
+                err = RuntimeError("the flow failed")
+                self._cm.__exit__(type(err), err, None)
+            else:
+                self._cm.__exit__(None, None, None)
 
 
 def _wait_ready(address: str, token: str, proc: subprocess.Popen, timeout: float) -> None:
