@@ -217,7 +217,7 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
     opt = make_optimizer(model, lr, tuple(cfg.adam_betas), cfg.l2, cpu_adam=cfg.adam_offload and on_gpu())
     sched = make_scheduler(opt, cfg.lr_scheduler, total_steps, cfg.lr_warmup_ratio, lr)
     gas = conf["gradient_accumulation_steps"]
-    if (world == 1 and stage == 0 and not cfg.bf16 and not getattr(cfg, "adam_offload", False)
+    if (world == 1 and stage == 0 and not cfg.bf16 and not cfg.adam_offload
             and "tensor_parallel" not in conf and local_engine.wanted()):
         device = f"cuda:{torch.cuda.current_device()}" if on_gpu() else "cpu"
         return Engine(module=local_engine.LocalEngine(model, opt, sched, gas, device), world_size=world, rank=rank,
