@@ -108,6 +108,7 @@ def sft_mfu(work: Path, model: Path, params: int, sizes: dict, a: argparse.Names
     m = re.search(r"SFT data: (\d+) train rows \((\d+) tokens\)", (work / "sft.log").read_text())
     if not m or int(m.group(2)) != int(m.group(1)) * a.seq_len:
         raise RuntimeError(f"train_sft did not report {a.seq_len} tokens per row: {m.group(0) if m else 'no data line'}")
+    engine = re.search(r"training engine: (.+)", (work / "sft.log").read_text())  # LocalEngine or DeepSpeed, as logged
     L, h = sizes.get("num_layers", 4), sizes.get("hidden_size", 128)
     flops_per_token = 6 * params + 6 * L * h * a.seq_len
     step_s = statistics.median(secs)
@@ -115,7 +116,7 @@ def sft_mfu(work: Path, model: Path, params: int, sizes: dict, a: argparse.Names
     return {"steps": len(rows), "tokens_per_step": tokens, "step_s_median": step_s, "step_s_min": min(secs),
             "tokens_per_s": tokens / step_s, "flops_per_token": flops_per_token, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * 1e12) if peak else None, "peak_tflops": peak, "wall_s": wall,
-            "command": " ".join(["python", *argv[1:]])}
+            "engine": engine.group(1).strip() if engine else None, "command": " ".join(["python", *argv[1:]])}
 
 
 def rl_step(work: Path, model: Path, a: argparse.Namespace, env: dict) -> dict:
@@ -367,7 +368,7 @@ def report(r: dict) -> str:
         lines += ["| SFT | tokens/step | s/step (median) | tokens/s | achieved TFLOP/s | MFU |", "|---|---|---|---|---|---|",
                   f"| packed, {r['args']['seq_len']} tokens x {r['args']['batch']} rows | {s['tokens_per_step']} | "
                   f"{s['step_s_median']:.4f} | {s['tokens_per_s']:.0f} | {s['achieved_tflops']:.2f} | {mfu} |", "",
-                  f"`{s['command']}`", ""]
+                  f"`{s['command']}`" + (f" (engine: {s['engine']})" if s.get("engine") else ""), ""]
     if "rl" in r:
         q = r["rl"]
         ph = " | ".join(f"{k} {q['phase_s_median'][k]:.3f} s ({100 * q['phase_share'][k]:.0f}%)" for k in q["phase_s_median"])

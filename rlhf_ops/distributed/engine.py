@@ -1,5 +1,5 @@
 """The one training engine every trainer uses (SFT, RM, PRM, DPO, actor, critic): DeepSpeed's, or in a
-world of one at ZeRO-0 in fp32 `local_engine.LocalEngine` (the same arithmetic, without importing DeepSpeed).
+world of one at ZeRO-0 `local_engine.LocalEngine` (the same arithmetic, without importing DeepSpeed).
 
 The same code runs on a CPU (gloo, fp32) and on GPUs (nccl, bf16). CPU-specific facts it
 handles (see shared/STACK-FACTS.md):
@@ -11,11 +11,14 @@ handles (see shared/STACK-FACTS.md):
   the point of the option.
 - the process group is torch's own (`init_distributed`); DeepSpeed's communication layer joins it
   when DeepSpeed is first needed (`import_deepspeed`);
-- --bf16 with --zero_stage 0 trains as stage 1 (`train_stage`): DeepSpeed 0.19 has no optimizer with
-  fp32 master weights at stage 0 and refuses bf16 weights with fp32 gradient accumulation there.
+- --bf16 with --zero_stage 0 trains as stage 1 under DeepSpeed (`train_stage`): DeepSpeed 0.19 has no
+  optimizer with fp32 master weights at stage 0 and refuses bf16 weights with fp32 gradient
+  accumulation there. In a world of one `LocalEngine` does what that stage 1 does, in flat buffers
+  (`master_weights`).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 
 from rlhf_ops.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -125,8 +130,10 @@ def ds_config(cfg: Any, world_size: int, *, train: bool = True) -> dict:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                   cpu_adam: bool = False) -> torch.optim.Optimizer:
-    """AdamW with no decay on biases and norm weights (1-D parameters)."""
+                   cpu_adam: bool = False, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW with no decay on biases and norm weights (1-D parameters). Torch's fused AdamW on CPU, and
+    on a GPU with `fused` (`LocalEngine`'s flat fp32 masters: one kernel per group and step); foreach on
+    a GPU under DeepSpeed, the kind that ran on an H100 (benchmarks/results/gpu)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -138,7 +145,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float]
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
     if not on_gpu():  # torch's fused CPU AdamW: ~3x faster per step than foreach (benchmarks/trl_compare.py)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True) if fused else \
+        torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float, lr: float):
@@ -152,16 +160,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
                          scheduler_specific_kwargs=kwargs)
 
 
-def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale `grads` in place to a global L2 norm of at most `max_norm`; returns the norm before.
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of `grads` taken together: DeepSpeed's arithmetic (per-tensor norms, squared, summed,
+    square root), bit for bit, in foreach kernels."""
+    return torch.stack(torch._foreach_norm(grads)).pow(2).sum().pow(0.5)
 
-    The arithmetic of DeepSpeed's fp32 clipping (its per-tensor norms, squared and summed, then
-    min(1, max_norm / (norm + 1e-6))), bit for bit, in three foreach kernels instead of a Python
-    loop over parameters and an all-reduce over a world of one. On CPU an unclipped step skips the
-    multiplication by 1.0, a memory-bound pass that reads and writes every gradient; on a GPU the
-    test would cost a device sync, so the multiplication stays.
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale `grads` in place to a global L2 norm of at most `max_norm`; returns the norm before
+    (`total`, where the caller has it already).
+
+    The arithmetic of DeepSpeed's fp32 clipping (`global_grad_norm`, then min(1, max_norm / (norm +
+    1e-6))), bit for bit, in three foreach kernels instead of a Python loop over parameters and an
+    all-reduce over a world of one. On CPU an unclipped step skips the multiplication by 1.0, a
+    memory-bound pass that reads and writes every gradient; on a GPU the test would cost a device
+    sync, so the multiplication stays.
     """
-    total = torch.stack(torch._foreach_norm(grads)).pow(2).sum().pow(0.5)
+    total = global_grad_norm(grads) if total is None else total
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     if total.device.type != "cpu" or coef < 1:  # on CPU, skip multiplying by exactly 1 (a pass over every gradient)
         torch._foreach_mul_(grads, coef)
@@ -201,7 +216,8 @@ class Engine:
 
 def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: float | None = None) -> Engine:
     """Wrap `model` in a DeepSpeed engine with the optimizer and schedule that `cfg` describes; in a world
-    of one at ZeRO-0 in fp32, in a `LocalEngine` (the same arithmetic without importing DeepSpeed)."""
+    of one at ZeRO-0 without offload or tensor parallelism, where every trained weight is fp32 (or bf16
+    with --bf16), in a `LocalEngine` (the same arithmetic without importing DeepSpeed)."""
     from rlhf_ops.distributed import local_engine
 
     rank, world = init_distributed()
@@ -214,15 +230,21 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
     lr = cfg.learning_rate if lr is None else lr
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = make_optimizer(model, lr, tuple(cfg.adam_betas), cfg.l2, cpu_adam=cfg.adam_offload and on_gpu())
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    local = (world == 1 and cfg.zero_stage == 0 and not cfg.adam_offload and "tensor_parallel" not in conf
+             and local_engine.wanted() and trained == ({torch.bfloat16} if cfg.bf16 else {torch.float32}))
+    opt = make_optimizer(model, lr, tuple(cfg.adam_betas), cfg.l2, cpu_adam=cfg.adam_offload and on_gpu(),
+                         fused=local)
     sched = make_scheduler(opt, cfg.lr_scheduler, total_steps, cfg.lr_warmup_ratio, lr)
     gas = conf["gradient_accumulation_steps"]
-    if (world == 1 and stage == 0 and not cfg.bf16 and not cfg.adam_offload
-            and "tensor_parallel" not in conf and local_engine.wanted()):
+    if local:
         device = f"cuda:{torch.cuda.current_device()}" if on_gpu() else "cpu"
-        return Engine(module=local_engine.LocalEngine(model, opt, sched, gas, device), world_size=world, rank=rank,
-                      grad_accum=gas, clip_norm=float(cfg.max_norm) if own_clip else 0.0)
+        master = float(cfg.max_norm) if cfg.bf16 else None  # bf16: fp32 master weights, clipped there
+        logger.info("training engine: LocalEngine (one process, ZeRO-0, %s)", "bf16 with fp32 master weights" if cfg.bf16 else "fp32")
+        return Engine(module=local_engine.LocalEngine(model, opt, sched, gas, device, master), world_size=world,
+                      rank=rank, grad_accum=gas, clip_norm=float(cfg.max_norm) if own_clip else 0.0)
     deepspeed = import_deepspeed()
+    logger.info("training engine: DeepSpeed (ZeRO-%d, %d process(es)%s)", stage, world, ", bf16" if cfg.bf16 else "")
     module, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf,
                                       dist_init_required=False)
     if world == 1 and stage == 0:

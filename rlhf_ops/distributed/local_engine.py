@@ -1,4 +1,4 @@
-"""The training engine for a world of one at ZeRO-0 in fp32, without importing DeepSpeed.
+"""The training engine for a world of one at ZeRO-0, in fp32 or bf16, without importing DeepSpeed.
 
 In that setting DeepSpeed's engine does nothing that torch does not: there is no peer to all-reduce
 with (`create_engine` already turned that off), no partition, no loss scaling, and the gradient
@@ -10,7 +10,9 @@ transformers already loaded), about what the tiny CPU benchmarks' peak is above 
 
 `LocalEngine` has the part of `deepspeed.DeepSpeedEngine`'s interface this project calls, with the
 same arithmetic, so losses and weights are bitwise those of the DeepSpeed engine
-(`tests/unit/test_local_engine.py`). Its checkpoint is one file per engine, written atomically;
+(`tests/unit/test_local_engine.py`). A bf16 model steps through fp32 master weights
+(`master_weights.MasterWeights`), as DeepSpeed's BF16_Optimizer at ZeRO-1 does, which is what
+`--bf16 --zero_stage 0` otherwise trains with (`engine.train_stage`). Its checkpoint is one file per engine, written atomically;
 DeepSpeed's checkpoints and these are not interchangeable, and a resume that finds the other kind
 says so. `RLHF_OPS_LOCAL_ENGINE=0` keeps DeepSpeed's engine (A/B runs).
 """
@@ -36,10 +38,16 @@ class LocalEngine(torch.nn.Module):
     """DeepSpeedEngine's training calls (forward, backward, step, get_lr, checkpoints) for one process."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-                 grad_accum: int, device: torch.device | str):
+                 grad_accum: int, device: torch.device | str, master_weights_max_norm: float | None = None):
+        """`master_weights_max_norm`: not None for a bf16 model, which then steps fp32 master weights and
+        clips their gradients to that norm (0: no clipping)."""
         super().__init__()
         self.module = model.to(device)
         self.optimizer = optimizer
+        self.master = None
+        if master_weights_max_norm is not None:
+            from rlhf_ops.distributed.master_weights import MasterWeights
+            self.master = MasterWeights(optimizer, master_weights_max_norm)
         self.lr_scheduler = lr_scheduler
         self.grad_accum = grad_accum
         self.micro_steps = 0
@@ -78,12 +86,17 @@ class LocalEngine(torch.nn.Module):
         return loss
 
     def step(self) -> None:
-        """At an accumulation boundary: optimizer step, gradients dropped, scheduler step."""
+        """At an accumulation boundary: optimizer step, gradients dropped, scheduler step (with fp32
+        master weights: no optimizer or scheduler step where the gradient norm was not finite)."""
         if self.is_gradient_accumulation_boundary():
-            self.optimizer.step()
-            for p in self.module.parameters():
-                p.grad = None
-            if self.lr_scheduler is not None:
+            if self.master is not None:
+                applied = self.master.step()
+            else:
+                self.optimizer.step()
+                for p in self.module.parameters():
+                    p.grad = None
+                applied = True
+            if self.lr_scheduler is not None and applied:
                 self.lr_scheduler.step()
             self.global_steps += 1
         self.micro_steps += 1
@@ -100,7 +113,8 @@ class LocalEngine(torch.nn.Module):
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
                  "micro_steps": self.micro_steps, "global_steps": self.global_steps,
-                 "grad_accum": self.grad_accum, "client_state": dict(client_state or {})}
+                 "grad_accum": self.grad_accum, "client_state": dict(client_state or {}),
+                 "master": self.master.state_dict() if self.master is not None else None}
         with atomic_dir(Path(save_dir) / tag) as tmp:
             torch.save(state, tmp / STATE_FILE)
 
@@ -116,7 +130,13 @@ class LocalEngine(torch.nn.Module):
                 + (f" (it holds DeepSpeed's files {other[:3]}: it was written with other --zero_stage/--bf16 "
                    f"flags or more processes, or with {ENV}=0; resume with those)" if other else ""))
         state = torch.load(path, map_location=self.device, weights_only=False)
+        if (self.master is None) != (state.get("master") is None):
+            raise ConfigError(f"checkpoint {path.parent}: written by a "
+                              f"{'bf16' if state.get('master') is not None else 'fp32'} run; resume it with "
+                              f"{'--bf16' if state.get('master') is not None else 'no --bf16'}")
         self.module.load_state_dict(state["module"], strict=load_module_strict)
+        if self.master is not None:
+            self.master.load_state_dict(state["master"])
         if load_optimizer_states:
             self.optimizer.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states and self.lr_scheduler is not None and state["lr_scheduler"] is not None:

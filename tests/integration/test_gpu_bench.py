@@ -27,6 +27,7 @@ def test_smoke_run_measures_every_part_and_labels_its_figures(tmp_path):
     assert sft["steps"] == 4 and sft["tokens_per_step"] == 4 * 64  # 4 rows of exactly 64 tokens per step
     assert sft["mfu"] is None and sft["achieved_tflops"] > 0       # no peak is claimed for a CPU
     assert sft["flops_per_token"] == 6 * r["params"] + 6 * 4 * 128 * 64
+    assert sft["engine"] == "LocalEngine (one process, ZeRO-0, fp32)"  # as train_sft logged it
     rl = r["rl"]
     assert set(rl["phase_s_median"]) == {"generate", "score", "logprobs", "train"}
     assert all(v >= 0 for v in rl["phase_s_median"].values())

@@ -173,18 +173,22 @@ def test_zero_stages_and_world_sizes_give_the_same_loss_curve(runs):
 
 
 @pytest.mark.slow
-def test_resume_from_an_early_checkpoint_ends_identical(model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("engine", [{"zero_stage": 2}, {"zero_stage": 0, "bf16": True}], ids=["zero2", "bf16_zero0"])
+def test_resume_from_an_early_checkpoint_ends_identical(model_dir, data_dir, tmp_path, engine):
     # 48 rows, 16 per step: 3 steps per epoch, 2 epochs = 6 steps; checkpoints at steps 2, 4, 6.
-    # B resumes from step 2 (epoch 0, mid-epoch) and crosses into epoch 1.
+    # B resumes from step 2 (epoch 0, mid-epoch) and crosses into epoch 1. DeepSpeed at ZeRO-2 (fp32), and
+    # LocalEngine with its fp32 master weights (bf16, ZeRO-0, one process).
     opts = {"pretrain": model_dir, "dataset": data_dir / "sft", "eval_dataset": data_dir / "sft",
             "input_key": "input", "output_key": "output", "input_template": TEMPLATE,
             "train_batch_size": 16, "micro_train_batch_size": 4, "max_samples": 48, "max_len": 64,
             "learning_rate": 3e-3, "max_epochs": 2, "packing_samples": True, "logging_steps": 1,
-            "eval_steps": 2, "save_steps": 2, "max_ckpt_num": 10, "zero_stage": 2}
+            "eval_steps": 2, "save_steps": 2, "max_ckpt_num": 10, **engine}
     a, b = tmp_path / "a", tmp_path / "b"
     run_sft(to_argv({**opts, "save_path": a / "model", "ckpt_path": a / "ckpt"}))
     assert sorted(p.name for p in (a / "ckpt").glob("global_step*")) == ["global_step2", "global_step4", "global_step6"]
     assert (a / "ckpt" / "latest_good").read_text().strip() == "global_step6"
+    local = (a / "ckpt" / "global_step2" / "model" / "local_engine_states.pt").is_file()
+    assert local == ("bf16" in engine)
 
     shutil.copytree(a / "ckpt", b / "ckpt")
     for tag in ("global_step4", "global_step6"):
@@ -196,6 +200,7 @@ def test_resume_from_an_early_checkpoint_ends_identical(model_dir, data_dir, tmp
 
     wa, wb = load_weights(a / "model"), load_weights(b / "model")
     assert wa.keys() == wb.keys()
+    assert {w.dtype for w in wa.values()} == {torch.bfloat16 if "bf16" in engine else torch.float32}
     for name in wa:
         assert torch.equal(wa[name], wb[name]), f"{name}: max diff {(wa[name] - wb[name]).abs().max().item()}"
 

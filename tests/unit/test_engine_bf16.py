@@ -1,6 +1,7 @@
 """--bf16 with --zero_stage 0 (rlhf_ops.distributed.engine.train_stage): DeepSpeed 0.19 refuses bf16
 weights with fp32 gradient accumulation at stage 0, so such a run trains at stage 1, whose BF16_Optimizer
-keeps fp32 master weights. Found on an H100 (benchmarks/gpu.py); the check is DeepSpeed's, not the device's."""
+keeps fp32 master weights (in a world of one, `LocalEngine` does the same without DeepSpeed). Found on an
+H100 (benchmarks/gpu.py); the check is DeepSpeed's, not the device's."""
 from __future__ import annotations
 
 import pytest
@@ -25,26 +26,31 @@ def test_only_bf16_at_stage_0_trains_at_stage_1(tmp_path, bf16, stage, trained):
     assert ds_config(c, 1, train=False)["zero_optimization"]["stage"] == stage  # frozen models: no optimizer
 
 
-def test_bf16_zero0_engine_keeps_fp32_master_weights(tmp_path):
+@pytest.mark.parametrize("local", [True, False])
+def test_bf16_zero0_engine_keeps_fp32_master_weights(tmp_path, monkeypatch, local):
     """Adam's first step moves each weight by about lr (1e-4). Around 1.0 (the RMSNorm weights) bf16's
-    spacing is 2^-7, so the bf16 weight stays 1.0 exactly, and only an fp32 master copy records the move."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
+    spacing is 2^-7, so the bf16 weight stays 1.0 exactly, and only an fp32 master copy records the move.
+    In a world of one the engine is `LocalEngine` (its `master_weights`); DeepSpeed's is stage 1."""
     from rlhf_ops.distributed.engine import create_engine
     from rlhf_ops.models.loading import load_causal_lm
     from rlhf_ops.models.tiny import make_tiny
 
+    monkeypatch.setenv("RLHF_OPS_LOCAL_ENGINE", "1" if local else "0")
     model_dir = make_tiny(tmp_path / "model", seed=0, **TINY)
     model = load_causal_lm(str(model_dir), bf16=True)
     eng = create_engine(model, _cfg(model_dir), total_steps=1)
-    assert eng.module.zero_optimization_stage() == 1
+    assert eng.module.zero_optimization_stage() == (0 if local else 1)
     norm = model.model.norm.weight
     assert norm.dtype == torch.bfloat16 and torch.all(norm == 1.0)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     logits = eng.module(input_ids=ids).logits.float()
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     eng.backward_step(loss)
-    master = safe_get_full_fp32_param(norm)
+    if local:
+        master = eng.module.master.fp32_param(norm)
+    else:
+        from deepspeed.utils import safe_get_full_fp32_param
+        master = safe_get_full_fp32_param(norm)
     assert master is not None and master.dtype == torch.float32
     moved = (master - 1.0).abs()
     assert torch.all(norm == 1.0)                               # below bf16's resolution at 1.0
