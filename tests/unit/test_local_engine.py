@@ -100,17 +100,21 @@ def test_only_fp32_zero0_in_a_world_of_one_is_local(model_dir, monkeypatch, kw, 
     _engine(model_dir, monkeypatch, local, **kw)  # asserts the engine's kind
 
 
-def test_such_a_process_never_imports_deepspeed(model_dir):
+def test_such_a_process_never_imports_deepspeed(model_dir, tmp_path):
+    """Nor does its final save: accelerate's unwrapping inside `save_pretrained` would import DeepSpeed
+    only to test isinstance(model, DeepSpeedEngine), ~20 MB at the end of the run (its peak)."""
     code = f"""
 import sys, torch
 from rlhf_ops.distributed.engine import create_engine
-from rlhf_ops.models.loading import load_causal_lm
+from rlhf_ops.models.loading import load_causal_lm, load_tokenizer
 from rlhf_ops.trainers.sft import SFTConfig
+from rlhf_ops.utils.checkpoint import save_hf_model
 cfg = SFTConfig(pretrain={str(model_dir)!r}, dataset="unused", input_key="text", pretrain_mode=True,
-                train_batch_size=2, micro_train_batch_size=2, zero_stage=0)
+                train_batch_size=2, micro_train_batch_size=2, zero_stage=0, learning_rate=1e-3, lr_warmup_ratio=0)
 eng = create_engine(load_causal_lm(cfg.pretrain), cfg, total_steps=1)
 ids = torch.tensor([[5, 6, 7, 8]])
 eng.backward_step(eng.module(input_ids=ids).logits.float().mean())
+save_hf_model(eng.module, load_tokenizer(cfg.pretrain), {str(tmp_path / "saved")!r})
 print("deepspeed" in sys.modules, type(eng.module).__name__, torch.distributed.is_initialized())
 """
     env = {k: v for k, v in os.environ.items()  # a fresh world of one, not this test process's
@@ -118,6 +122,10 @@ print("deepspeed" in sys.modules, type(eng.module).__name__, torch.distributed.i
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split()[-3:] == ["False", "LocalEngine", "True"]
+    from rlhf_ops.models.loading import load_causal_lm
+    saved = dict(load_causal_lm(str(tmp_path / "saved")).named_parameters())
+    trained = {n for n, w in load_causal_lm(str(model_dir)).named_parameters() if not torch.equal(w, saved[n])}
+    assert trained  # the saved weights are the stepped ones
 
 
 def test_the_models_attributes_show_through_as_deepspeeds_do(model_dir, monkeypatch):
