@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
+from _engine_runs import TINY, micro_batches as _micro_batches, resume_halfway, train as _train
 from rlhf_ops.config import ConfigError
-
-TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +36,6 @@ def _engine(model_dir, monkeypatch, local: bool, **kw):
     return eng
 
 
-def _micro_batches(n: int):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, 100, (2, 9), generator=g) for _ in range(n)]
-
-
-def _train(eng, batches) -> tuple[list[float], list[float]]:
-    losses, lrs = [], []
-    for ids in batches:
-        logits = eng.module(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        eng.backward_step(loss)
-        losses.append(loss.item())
-        lrs.append(eng.lr)
-    return losses, lrs
-
-
 def _weights(eng):
     return {n: p.detach().clone() for n, p in eng.model.named_parameters()}
 
@@ -70,19 +53,9 @@ def test_same_losses_lrs_and_weights_as_deepspeeds_engine(model_dir, monkeypatch
 
 
 def test_a_resumed_run_continues_exactly(model_dir, monkeypatch, tmp_path):
-    batches = _micro_batches(8)
-    straight = _engine(model_dir, monkeypatch, True)
-    _train(straight, batches)
-    first = _engine(model_dir, monkeypatch, True)
-    _train(first, batches[:4])
-    first.module.save_checkpoint(str(tmp_path / "global_step2"), tag="model", client_state={"step": 2})
+    straight, resumed, rest, rest_straight = resume_halfway(lambda: _engine(model_dir, monkeypatch, True), tmp_path)
     assert [p.name for p in (tmp_path / "global_step2" / "model").iterdir()] == ["local_engine_states.pt"]
-    resumed = _engine(model_dir, monkeypatch, True)
-    path, client = resumed.module.load_checkpoint(str(tmp_path / "global_step2"), tag="model")
-    assert client == {"step": 2} and path.endswith("model")
-    assert resumed.module.global_steps == 2 and resumed.module.micro_steps == 4
-    rest, rest_straight = _train(resumed, batches[4:]), _train(_engine(model_dir, monkeypatch, True), batches)
-    assert rest[1] == rest_straight[1][4:]                 # the schedule resumes where it stopped
+    assert rest == rest_straight                           # losses, and the schedule resumes where it stopped
     w_straight, w_resumed = _weights(straight), _weights(resumed)
     assert all(torch.equal(w_straight[n], w_resumed[n]) for n in w_straight)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _engine_runs import TINY, micro_batches as _micro_batches, next_token_loss as _loss, resume_halfway
+from _engine_runs import train as _train
 from rlhf_ops.config import ConfigError
-
-TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +37,6 @@ def _engine(model_dir, monkeypatch, local: bool, **kw):
     eng = engine_mod.create_engine(load_causal_lm(str(model_dir), bf16=True), _cfg(model_dir, **kw), total_steps=4)
     assert (type(eng.module).__name__ == "LocalEngine") == local
     return eng
-
-
-def _micro_batches(n: int):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, 100, (2, 9), generator=g) for _ in range(n)]
-
-
-def _loss(module, ids, scale: float = 1.0):
-    logits = module(input_ids=ids).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) * scale
-
-
-def _train(eng, batches, scales=None) -> tuple[list[float], list[float]]:
-    losses, lrs = [], []
-    for i, ids in enumerate(batches):
-        loss = _loss(eng.module, ids, scales[i] if scales else 1.0)
-        eng.backward_step(loss)
-        losses.append(loss.item())
-        lrs.append(eng.lr)
-    return losses, lrs
 
 
 def _fp32(eng) -> dict[str, torch.Tensor]:
@@ -110,7 +90,7 @@ def test_a_non_finite_gradient_skips_the_step_as_deepspeed_does(model_dir, monke
     dropped; step 3 then trains as DeepSpeed's engine does."""
     batches, scales = _micro_batches(6), [1.0, 1.0, float("inf"), 1.0, 1.0, 1.0]
     ours, theirs = _engine(model_dir, monkeypatch, True), _engine(model_dir, monkeypatch, False)
-    losses_ours, lrs_ours = _train(ours, batches[:2])
+    _train(ours, batches[:2])
     after_one = _fp32(ours)
     rest_ours, rest_theirs = _train(ours, batches[2:], scales[2:]), _train(theirs, batches, scales)[1][2:]
     assert rest_ours[1] == rest_theirs == [5e-4, 5e-4, 5e-4, 1e-3]  # the scheduler did not step at the skip
@@ -121,17 +101,8 @@ def test_a_non_finite_gradient_skips_the_step_as_deepspeed_does(model_dir, monke
 
 
 def test_a_resumed_run_continues_exactly_from_the_fp32_masters(model_dir, monkeypatch, tmp_path):
-    batches = _micro_batches(8)
-    straight = _engine(model_dir, monkeypatch, True)
-    _train(straight, batches)
-    first = _engine(model_dir, monkeypatch, True)
-    _train(first, batches[:4])
-    first.module.save_checkpoint(str(tmp_path / "global_step2"), tag="model", client_state={"step": 2})
-    resumed = _engine(model_dir, monkeypatch, True)
-    resumed.module.load_checkpoint(str(tmp_path / "global_step2"), tag="model")
-    assert resumed.module.global_steps == 2
-    rest, rest_straight = _train(resumed, batches[4:]), _train(_engine(model_dir, monkeypatch, True), batches)
-    assert rest == (rest_straight[0][4:], rest_straight[1][4:])
+    straight, resumed, rest, rest_straight = resume_halfway(lambda: _engine(model_dir, monkeypatch, True), tmp_path)
+    assert rest == rest_straight
     m_straight, m_resumed = _fp32(straight), _fp32(resumed)
     assert all(torch.equal(m_straight[n], m_resumed[n]) for n in m_straight)
     # an fp32 run cannot resume it (nor the reverse): the message says which flag to use
