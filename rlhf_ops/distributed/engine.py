@@ -216,8 +216,8 @@ class Engine:
 
 def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: float | None = None) -> Engine:
     """Wrap `model` in a DeepSpeed engine with the optimizer and schedule that `cfg` describes; in a world
-    of one at ZeRO-0 without offload or tensor parallelism, where every trained weight is fp32 (or bf16
-    with --bf16), in a `LocalEngine` (the same arithmetic without importing DeepSpeed)."""
+    of one at ZeRO-0 without offload, tensor parallelism or 4-bit weights, in a `LocalEngine` (the same
+    arithmetic without importing DeepSpeed)."""
     from rlhf_ops.distributed import local_engine
 
     rank, world = init_distributed()
@@ -230,19 +230,29 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
     lr = cfg.learning_rate if lr is None else lr
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # LocalEngine: fp32 weights directly; with --bf16, every weight in bf16 (as DeepSpeed casts them: LoRA
+    # adapters, which peft keeps in fp32, included) and the trained ones stepped through fp32 masters
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     local = (world == 1 and cfg.zero_stage == 0 and not cfg.adam_offload and "tensor_parallel" not in conf
-             and local_engine.wanted() and trained == ({torch.bfloat16} if cfg.bf16 else {torch.float32}))
+             and not getattr(cfg, "load_in_4bit", False) and local_engine.wanted()
+             and (trained <= {torch.float32, torch.bfloat16} and not getattr(model, "_keep_in_fp32_modules", None)
+                  if cfg.bf16 else trained == {torch.float32}))
+    if local and cfg.bf16:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
     opt = make_optimizer(model, lr, tuple(cfg.adam_betas), cfg.l2, cpu_adam=cfg.adam_offload and on_gpu(),
                          fused=local)
     sched = make_scheduler(opt, cfg.lr_scheduler, total_steps, cfg.lr_warmup_ratio, lr)
     gas = conf["gradient_accumulation_steps"]
     if local:
         device = f"cuda:{torch.cuda.current_device()}" if on_gpu() else "cpu"
-        master = float(cfg.max_norm) if cfg.bf16 else None  # bf16: fp32 master weights, clipped there
-        logger.info("training engine: LocalEngine (one process, ZeRO-0, %s)", "bf16 with fp32 master weights" if cfg.bf16 else "fp32")
-        return Engine(module=local_engine.LocalEngine(model, opt, sched, gas, device, master), world_size=world,
-                      rank=rank, grad_accum=gas, clip_norm=float(cfg.max_norm) if own_clip else 0.0)
+        logger.info("training engine: LocalEngine (one process, ZeRO-0, %s)",
+                    "bf16 with fp32 master weights" if cfg.bf16 else "fp32")
+        # bf16: the masters' gradients are clipped in master_weights; fp32: in Engine.backward_step
+        eng = local_engine.LocalEngine(model, opt, sched, gas, device, float(cfg.max_norm) if cfg.bf16 else None)
+        return Engine(module=eng, world_size=world, rank=rank, grad_accum=gas,
+                      clip_norm=0.0 if cfg.bf16 else float(cfg.max_norm))
     deepspeed = import_deepspeed()
     logger.info("training engine: DeepSpeed (ZeRO-%d, %d process(es)%s)", stage, world, ", bf16" if cfg.bf16 else "")
     module, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf,

@@ -28,23 +28,27 @@ def _cfg(model_dir, **kw):
 def _engine(model_dir, monkeypatch, local: bool, **kw):
     import rlhf_ops.distributed.engine as engine_mod
     from rlhf_ops.models.loading import load_causal_lm
+    from rlhf_ops.models.lora import apply_lora
     monkeypatch.setenv("RLHF_OPS_LOCAL_ENGINE", "1" if local else "0")
+    torch.manual_seed(0)  # the same LoRA initialisation for both engines
     # DeepSpeed's default all-reduce dtype is the model's: at each accumulation boundary it rounds the fp32
     # accumulated gradients to bf16, even in a world of one. LocalEngine keeps them in fp32, so the
     # reference is DeepSpeed with its all-reduce in fp32 (with one micro-batch per step the two agree).
     ds_config = engine_mod.ds_config
     monkeypatch.setattr(engine_mod, "ds_config", lambda *a, **k: ds_config(*a, **k) | {"communication_data_type": "fp32"})
-    eng = engine_mod.create_engine(load_causal_lm(str(model_dir), bf16=True), _cfg(model_dir, **kw), total_steps=4)
+    cfg = _cfg(model_dir, **kw)
+    eng = engine_mod.create_engine(apply_lora(load_causal_lm(str(model_dir), bf16=True), cfg), cfg, total_steps=4)
     assert (type(eng.module).__name__ == "LocalEngine") == local
     return eng
 
 
 def _fp32(eng) -> dict[str, torch.Tensor]:
-    """Each weight's fp32 master."""
+    """Each trained weight's fp32 master."""
+    named = [(n, p) for n, p in eng.model.named_parameters() if p.requires_grad]
     if type(eng.module).__name__ == "LocalEngine":
-        return {n: eng.module.master.fp32_param(p).clone() for n, p in eng.model.named_parameters()}
+        return {n: eng.module.master.fp32_param(p).clone() for n, p in named}
     from deepspeed.utils import safe_get_full_fp32_param
-    return {n: safe_get_full_fp32_param(p).clone() for n, p in eng.model.named_parameters()}
+    return {n: safe_get_full_fp32_param(p).clone() for n, p in named}
 
 
 def _bf16(eng) -> dict[str, torch.Tensor]:
@@ -116,3 +120,19 @@ def test_a_resumed_run_continues_exactly_from_the_fp32_masters(model_dir, monkey
 @pytest.mark.parametrize("kw,local", [({}, True), (dict(zero_stage=1), False), (dict(adam_offload=True), False)])
 def test_only_bf16_at_zero0_without_offload_is_local(model_dir, monkeypatch, kw, local):
     _engine(model_dir, monkeypatch, local, **kw)  # asserts the engine's kind
+
+
+def test_lora_adapters_on_a_bf16_model_train_in_bf16_through_masters_as_deepspeed_does(model_dir, monkeypatch):
+    """peft keeps LoRA adapters in fp32 on a bf16 model; DeepSpeed casts every weight to bf16 under --bf16,
+    and so does LocalEngine, then steps the adapters' fp32 masters: the same losses and weights."""
+    batches = _micro_batches(6)
+    ours, theirs = (_engine(model_dir, monkeypatch, local, lora_rank=4, lora_alpha=8) for local in (True, False))
+    trained = {n for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert {p.dtype for p in ours.model.parameters()} == {p.dtype for p in theirs.model.parameters()} == {torch.bfloat16}
+    start = _fp32(ours)
+    assert _train(ours, batches) == _train(theirs, batches)
+    m_ours, m_theirs, w_ours, w_theirs = _fp32(ours), _fp32(theirs), _bf16(ours), _bf16(theirs)
+    assert set(m_ours) == trained and all(torch.equal(m_ours[n], m_theirs[n]) for n in trained)
+    assert all(torch.equal(w_ours[n], w_theirs[n]) for n in w_ours)
+    assert all(not torch.equal(m_ours[n], start[n]) for n in trained)  # every adapter trained
