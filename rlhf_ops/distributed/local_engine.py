@@ -12,9 +12,9 @@ transformers already loaded), about what the tiny CPU benchmarks' peak is above 
 same arithmetic, so losses and weights are bitwise those of the DeepSpeed engine
 (`tests/unit/test_local_engine.py`). A bf16 model steps through fp32 master weights
 (`master_weights.MasterWeights`), as DeepSpeed's BF16_Optimizer at ZeRO-1 does, which is what
-`--bf16 --zero_stage 0` otherwise trains with (`engine.train_stage`). Its checkpoint is one file per engine, written atomically;
-DeepSpeed's checkpoints and these are not interchangeable, and a resume that finds the other kind
-says so. `RLHF_OPS_LOCAL_ENGINE=0` keeps DeepSpeed's engine (A/B runs).
+`--bf16 --zero_stage 0` otherwise trains with (`engine.train_stage`). Its checkpoint is one file per
+engine, written atomically; DeepSpeed's checkpoints and these are not interchangeable, and a resume
+that finds the other kind says so. `RLHF_OPS_LOCAL_ENGINE=0` keeps DeepSpeed's engine (A/B runs).
 """
 from __future__ import annotations
 
