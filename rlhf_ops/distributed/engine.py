@@ -229,7 +229,11 @@ def create_engine(model: torch.nn.Module, cfg: Any, total_steps: int, *, lr: flo
         conf["gradient_clipping"] = 0.0
     lr = cfg.learning_rate if lr is None else lr
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.25 renamed it (the old name warns, and goes in v6)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # LocalEngine: fp32 weights directly; with --bf16, every weight in bf16 (as DeepSpeed casts them: LoRA
     # adapters, which peft keeps in fp32, included) and the trained ones stepped through fp32 masters
     trained = {p.dtype for p in model.parameters() if p.requires_grad}

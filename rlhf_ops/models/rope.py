@@ -13,12 +13,15 @@ saves ~0.7 ms of a ~37 ms step (same process, alternating 8 x 40 steps).
 `patch(model)` swaps `apply_rotary_pos_emb` in the model's modeling module when that module's
 function and its `rotate_half` are Llama's code (same bytecode: Llama, Mistral, Qwen2/3, Mixtral,
 Gemma, ...). Any other model keeps its own. The swap is process-wide for that module, as
-`--use_liger_kernel`'s is; a function another library put there (Liger's) is left in place.
+`--use_liger_kernel`'s is; a function another library put there (Liger's) is left in place. Where
+Hugging Face's function is wrapped in a `kernels` hub module (transformers >= 5.25), the function
+inside the wrapper is what is compared, and the swap replaces the wrapper.
 """
 from __future__ import annotations
 
 import sys
 from types import CodeType, ModuleType
+from typing import Any
 
 import torch
 
@@ -51,13 +54,32 @@ def _fingerprint(code: CodeType) -> tuple:
     return code.co_code, code.co_names, tuple(c for c in code.co_consts if not isinstance(c, str))
 
 
+def _plain(fn: Any) -> Any:
+    """The Python function behind `fn`: `fn` itself, or the one a `kernels` hub wrapper calls. With the
+    `kernels` package installed (a dependency of transformers since 5.25), Hugging Face's
+    `@use_kernel_forward_from_hub` turns `apply_rotary_pos_emb` into an `nn.Module` whose forward calls
+    the original function unless `kernelize` gave it a hub kernel (this project never does)."""
+    if getattr(fn, "__code__", None) is not None:
+        return fn
+    forward = getattr(type(fn), "forward", None)
+    code, cells = getattr(forward, "__code__", None), getattr(forward, "__closure__", None) or ()
+    inner = dict(zip(code.co_freevars, cells)).get("func") if code is not None else None
+    try:
+        inner = inner.cell_contents if inner is not None else None
+    except ValueError:  # an empty cell
+        return None
+    return inner if getattr(inner, "__code__", None) is not None else None
+
+
 def _is_llama_rope(module: ModuleType) -> bool:
     from transformers.models.llama import modeling_llama as llama
 
-    fn, rot = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
-    if getattr(fn, "__code__", None) is None or getattr(rot, "__code__", None) is None:
+    fn, rot = _plain(getattr(module, "apply_rotary_pos_emb", None)), getattr(module, "rotate_half", None)
+    if fn is None or getattr(rot, "__code__", None) is None:
         return False
-    llama_fn = getattr(llama, _ORIGINAL, llama.apply_rotary_pos_emb)
+    llama_fn = _plain(getattr(llama, _ORIGINAL, llama.apply_rotary_pos_emb))
+    if llama_fn is None:
+        return False
     # another library's swap (Liger's, under --use_liger_kernel) stays: compared with the function that
     # replaced Llama's own it would match itself. Seen on an H100: our RoPE had displaced Liger's kernel.
     if not (fn.__module__.startswith("transformers.") and llama_fn.__module__.startswith("transformers.")):

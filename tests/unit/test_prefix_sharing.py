@@ -65,8 +65,12 @@ def test_logprobs_entropies_and_gradients_equal_the_unshared_batch(model):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     assert got[2].keys() == want[2].keys() and len(got[2]) > 10
+    # relative to each gradient's scale: the two layouts sum the same terms in different orders, and entries
+    # that cancel to near 0 keep an absolute rounding error of the size of the terms (3.8e-6 of 9.2 in the
+    # embedding's gradient on an Intel Xeon with AMX; within 1e-6 on an AMD EPYC)
     for name in want[2]:
-        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-6, msg=name)
+        diff, scale = float((got[2][name] - want[2][name]).abs().max()), float(want[2][name].abs().max())
+        assert diff <= 1e-5 * scale, (name, diff, scale)
 
 
 def test_critic_values_equal_the_unshared_batch(tiny_model_dir):
@@ -134,7 +138,7 @@ def test_reward_model_rewards_loss_and_gradients_equal_the_unshared_batch(tiny_m
         out[name] = (loss.detach(), m, {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
     torch.testing.assert_close(out["shared"][0], out["plain"][0], rtol=1e-5, atol=1e-6)
     for k in ("chosen_reward", "rejected_reward", "margin"):
-        assert out["shared"][1][k][0] == pytest.approx(out["plain"][1][k][0], rel=1e-4, abs=1e-6), k
+        assert float(out["shared"][1][k][0]) == pytest.approx(float(out["plain"][1][k][0]), rel=1e-4, abs=1e-6), k
     assert out["plain"][2].keys() == out["shared"][2].keys() and len(out["plain"][2]) > 10
     for n in out["plain"][2]:
         torch.testing.assert_close(out["shared"][2][n], out["plain"][2][n], rtol=1e-4, atol=1e-6, msg=n)

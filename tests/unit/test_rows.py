@@ -62,19 +62,14 @@ def test_sft_loss_and_gradients_are_unchanged(tiny_model_dir, packed, kernels):
     targets = int((batch.targets_BT != -100).sum())
     assert seen == [targets, batch.input_ids_BT.numel()]  # rows skipped, then all of them
     assert targets < sum(map(len, SEQS))
-    mlp = "model.layers.3.mlp."
-    if kernels == "onednn":
-        torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=0)
-        for name, g in grads.items():  # relative to the tensor's scale: cancellation leaves some entries near 0
-            want = full_grads[name]
-            assert float((g - want).abs().max()) <= 1e-5 * float(want.abs().max()), name
-        return
-    assert torch.equal(loss, full_loss)
+    # A GEMM over fewer rows may round differently: MKL and oneDNN pick their blocking by size, and how depends
+    # on the CPU (on AMD EPYC, MKL's loss and every gradient outside the last MLP were bitwise equal; on an
+    # Intel Xeon with AMX the loss differs in its last bit). So: rounding-level agreement, gradients relative
+    # to each tensor's scale, since cancellation leaves some entries near 0.
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=0)
     for name, g in grads.items():
-        if name.startswith(mlp):
-            torch.testing.assert_close(g, full_grads[name], rtol=1e-5, atol=1e-8)
-        else:
-            assert torch.equal(g, full_grads[name]), name
+        want = full_grads[name]
+        assert float((g - want).abs().max()) <= 1e-5 * float(want.abs().max()), name
 
 
 def test_rl_logprobs_and_values_with_a_shared_prefix(tiny_model_dir):
@@ -120,7 +115,10 @@ def test_reward_scores_read_the_last_tokens_only(tiny_model_dir, packed):
 
 def test_gradient_checkpointing_computes_every_row(tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = _sft_batch(packed=True)
     seen, handle = _rows_seen(model)
     try:
@@ -128,7 +126,7 @@ def test_gradient_checkpointing_computes_every_row(tiny_model_dir):
     finally:
         handle.remove()
     assert seen == [batch.input_ids_BT.numel()] * 2  # forward and its recomputation: all rows
-    model.gradient_checkpointing_disable()
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     loss2, grads2 = _loss_and_grads(model, batch, rows=True)
     torch.testing.assert_close(loss, loss2, rtol=0, atol=1e-6)
 
