@@ -11,7 +11,9 @@ bf16 and measures, each through the project's own entry points:
   `--seq_len` tokens, `--batch` rows per optimizer step (one packed micro-batch). Model FLOPs per
   token are 6 x parameters + 6 x layers x hidden x seq_len (causal attention, forward and
   backward), divided by the time per step (`seconds` in metrics.jsonl, steps 2..N) and by the
-  card's dense bf16 peak (`--peak_tflops`, or the table below by device name).
+  card's dense bf16 peak (`--peak_tflops`, or the table below by device name). The run's last two
+  steps are recorded with `--profile_steps` (left out of the median): device time against wall
+  time per step, host syncs, and the top ops of the trainer's step (`sft_trainer_ops.md`).
 * **RL step**: `train_ppo` with the tiny GRPO preset (HF generation: the CUDA vLLM is not in this
   script's reach) in bf16, `--generate_max_len` tokens; the step's phases from metrics.jsonl.
 * **Weight sync**: the actor's full weights gathered and packed on the GPU (`full_hf_state_dict`,
@@ -98,10 +100,11 @@ def sft_mfu(work: Path, model: Path, params: int, sizes: dict, a: argparse.Names
             "--train_batch_size", str(a.batch), "--micro_train_batch_size", str(a.batch), "--max_epochs", "1",
             "--max_samples", str(a.batch * a.sft_steps), "--learning_rate", "1e-4", "--lr_warmup_ratio", "0",
             "--logging_steps", "1", "--zero_stage", "0", "--save_path", str(out / "model"),
-            "--ckpt_path", str(out / "ckpt"), *(["--bf16"] if not a.smoke else []), *a.extra_sft]
+            "--ckpt_path", str(out / "ckpt"), "--profile_steps", f"{a.sft_steps - 1}-{a.sft_steps}",
+            *(["--bf16"] if not a.smoke else []), *a.extra_sft]
     wall = _run(argv, work / "sft.log", env, a.part_timeout)
     rows = _train_rows(out / "ckpt")
-    secs = [rows[i]["seconds"] - rows[i - 1]["seconds"] for i in range(1, len(rows))]  # steps 2..N
+    secs = [rows[i]["seconds"] - rows[i - 1]["seconds"] for i in range(1, len(rows) - 2)]  # steps 2..N-2: not profiled
     tokens = a.batch * a.seq_len  # every row fills --max_len (truncated), packed into one micro-batch
     import re
 
@@ -113,7 +116,12 @@ def sft_mfu(work: Path, model: Path, params: int, sizes: dict, a: argparse.Names
     flops_per_token = 6 * params + 6 * L * h * a.seq_len
     step_s = statistics.median(secs)
     achieved = flops_per_token * tokens / step_s
-    return {"steps": len(rows), "tokens_per_step": tokens, "step_s_median": step_s, "step_s_min": min(secs),
+    prof = json.loads((out / "ckpt" / "profile" / "ops.json").read_text())
+    a.out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "ckpt" / "profile" / "ops.md", a.out / "sft_trainer_ops.md")
+    return {"trainer_profile": {k: prof[k] for k in ("steps", "first_step", "wall_s_per_step", "self_device_ms_per_step",
+                                                    "host_syncs_per_step")} | {"top_ops": prof["ops"][:15]},
+            "steps": len(rows), "tokens_per_step": tokens, "step_s_median": step_s, "step_s_min": min(secs),
             "tokens_per_s": tokens / step_s, "flops_per_token": flops_per_token, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * 1e12) if peak else None, "peak_tflops": peak, "wall_s": wall,
             "engine": engine.group(1).strip() if engine else None, "command": " ".join(["python", *argv[1:]])}
@@ -369,6 +377,10 @@ def report(r: dict) -> str:
                   f"| packed, {r['args']['seq_len']} tokens x {r['args']['batch']} rows | {s['tokens_per_step']} | "
                   f"{s['step_s_median']:.4f} | {s['tokens_per_s']:.0f} | {s['achieved_tflops']:.2f} | {mfu} |", "",
                   f"`{s['command']}`" + (f" (engine: {s['engine']})" if s.get("engine") else ""), ""]
+        tp = s["trainer_profile"]
+        lines += [f"The trainer's steps {tp['first_step']}-{tp['first_step'] + tp['steps'] - 1} under torch.profiler: "
+                  f"{1e3 * tp['wall_s_per_step']:.1f} ms wall per step, {tp['self_device_ms_per_step']:.1f} ms of it device "
+                  f"time, {tp['host_syncs_per_step']:g} host syncs per step (top ops: sft_trainer_ops.md)", ""]
     if "rl" in r:
         q = r["rl"]
         ph = " | ".join(f"{k} {q['phase_s_median'][k]:.3f} s ({100 * q['phase_share'][k]:.0f}%)" for k in q["phase_s_median"])

@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark in one go, one results file. What `make bench` runs.
 
-    .venv/bin/python benchmarks/suite.py [--only trl,scaling,orchestration,weight_sync,bf16] [--out benchmarks/results]
+    .venv/bin/python benchmarks/suite.py [--only trl,scaling,orchestration,weight_sync,bf16,collate] [--out benchmarks/results]
 
 Runs, one after the other on an otherwise idle machine (they are never run concurrently, so no
 benchmark loads another's CPU):
@@ -13,7 +13,8 @@ benchmark loads another's CPU):
 * `weight_sync.py`: trainer -> vLLM engine weight-sync time per transport and model size (needs
   `.venv-vllm`);
 * `bf16_engine.py`: bf16 SFT in one process, DeepSpeed's BF16_Optimizer against `LocalEngine`'s fp32
-  master weights (time per step, peak RSS).
+  master weights (time per step, peak RSS);
+* `collate.py`: host time to collate one 8 x 2048-token micro-batch, against a per-token Python loop.
 
 Each writes its own `<name>.json` / `<name>.md`; this script then writes `suite.json` (every
 result, plus the machine, the load before and after each part, and the device) and `suite.md`.
@@ -35,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"trl": "trl_compare", "scaling": "scaling", "orchestration": "orchestration", "weight_sync": "weight_sync",
-         "bf16": "bf16_engine"}
+         "bf16": "bf16_engine", "collate": "collate"}
 
 
 def _gpu() -> str | None:

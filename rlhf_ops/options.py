@@ -54,6 +54,8 @@ class TrainOptions(ModelOptions):
     overlap_comm: bool = opt(False, "Overlap gradient reduction with backward")
     ds_tensor_parallel_size: int = opt(1, "DeepSpeed AutoTP size (only with --zero_stage 0/1/2)")
     aux_loss_coef: float = opt(0.0, "MoE balancing loss coefficient (used when the model returns aux_loss)")
+    profile_steps: Optional[str] = opt(None, "Record optimizer steps A-B (1-based, inclusive; or one step A) with "
+                                             "torch.profiler: traces and an op table in <ckpt_path>/profile")
     local_rank: int = opt(-1, "Set by the `deepspeed` launcher; leave alone")
 
 
@@ -72,6 +74,9 @@ def validate_train(cfg: TrainOptions) -> None:
     check(cfg.ds_tensor_parallel_size >= 1, "ds_tensor_parallel_size", "must be >= 1")
     check(cfg.ds_tensor_parallel_size == 1 or cfg.zero_stage < 3, "ds_tensor_parallel_size",
           "AutoTP works only with --zero_stage 0, 1 or 2")
+    if cfg.profile_steps is not None:
+        from rlhf_ops.utils.profiling import parse_steps
+        parse_steps(cfg.profile_steps)
     check(not os.path.isfile(cfg.save_path), "save_path", f"{cfg.save_path} is an existing file, expected a directory")
     check(not os.path.isfile(cfg.ckpt_path), "ckpt_path", f"{cfg.ckpt_path} is an existing file, expected a directory")
     check_model_path("pretrain", cfg.pretrain)

@@ -99,6 +99,8 @@ class RayPPOConfig(RayOptions, RLConfig):
             check(self.vllm_num_engines == self.ranks("actor"), "colocate_all",
                   f"puts engine e on actor rank e's bundle: --vllm_num_engines {self.vllm_num_engines} must equal the "
                   f"actor's ranks, {self.ranks('actor')}")
+        check(self.profile_steps is None, "profile_steps", "records the process it runs in, and with Ray the models run "
+              "in actor processes: profile with train_ppo (one process) instead")
         check(not self.vllm_enable_sleep or self.vllm_num_engines > 0, "vllm_enable_sleep", "needs --vllm_num_engines >= 1")
         check(not self.async_train or self.vllm_num_engines > 0, "async_train",
               "needs --vllm_num_engines >= 1: without an engine the actor ranks sample on their live training weights, "

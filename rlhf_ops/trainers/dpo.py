@@ -135,7 +135,7 @@ def dpo_step(model: torch.nn.Module, b: DPOBatch, cfg: DPOConfig) -> tuple[torch
         loss = loss + cfg.nll_loss_coef * nll
     metrics = pair_metrics(loss, out.chosen_rewards, out.rejected_rewards)
     if nll is not None:
-        metrics["nll"] = (nll.item() * b.pairs.num_pairs, b.pairs.num_pairs)
+        metrics["nll"] = (nll.detach().double() * b.pairs.num_pairs, b.pairs.num_pairs)
     return loss, metrics
 
 

@@ -5,7 +5,10 @@ this loop owns everything else: data order per rank, gradient accumulation throu
 DeepSpeed engine, metrics, evaluation, resumable checkpoints and the final save.
 
 Metrics are `{name: (sum, weight)}` pairs so that means are exact across micro-batches and
-ranks (e.g. SFT loss = sum of token NLL / number of target tokens).
+ranks (e.g. SFT loss = sum of token NLL / number of target tokens). A sum may be a tensor on the
+device: it is added there and read once per logging step, so that no micro-batch waits for the
+device to report a number. The one host sync per optimizer step is the non-finite loss check,
+before the step is taken.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,30 +24,45 @@ import torch
 
 from rlhf_ops.data.batching import epoch_micro_batches, eval_micro_batches
 from rlhf_ops.utils import checkpoint as ckpt
+from rlhf_ops.utils.profiling import StepProfiler
 from rlhf_ops.utils.tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
-Metrics = dict[str, tuple[float, float]]
+Metrics = dict[str, tuple["float | torch.Tensor", float]]
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
 
 
 class MetricSums:
-    """Accumulates (sum, weight) pairs; `reduce()` all-reduces across ranks and returns means."""
+    """Accumulates (sum, weight) pairs; `reduce()` all-reduces across ranks and returns means.
+
+    Sums given as tensors (0-d, on any device) stay tensors, summed in float64 where they live, until
+    `reduce()` copies them all to the host at once."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.sums: dict[str, list[Any]] = defaultdict(lambda: [0.0, 0.0])
 
     def add(self, metrics: Metrics) -> None:
         for k, (s, w) in metrics.items():
-            self.sums[k][0] += float(s)
-            self.sums[k][1] += float(w)
+            acc = self.sums[k]
+            acc[0] = acc[0] + (s.detach().double() if isinstance(s, torch.Tensor) else float(s))
+            acc[1] += float(w)
 
     def reduce(self) -> dict[str, float]:
         keys = sorted(self.sums)
-        t = torch.tensor([v for k in keys for v in self.sums[k]], dtype=torch.float64)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and keys:
+        flat = [v for k in keys for v in self.sums[k]]
+        on_device = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and bool(keys)
+        device = flat[on_device[0]].device if on_device else torch.device("cpu")
+        if multi:
+            from rlhf_ops.distributed.engine import on_gpu  # NCCL all-reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+        t = torch.tensor([0.0 if isinstance(v, torch.Tensor) else v for v in flat], dtype=torch.float64).to(device)
+        if on_device:
+            t[on_device] = torch.stack([flat[i].reshape(()).to(device) for i in on_device])
+        if multi:
             torch.distributed.all_reduce(t)
-        return {k: (t[2 * i] / t[2 * i + 1]).item() if t[2 * i + 1] > 0 else float("nan") for i, k in enumerate(keys)}
+        v = t.tolist()  # the one read from the device
+        return {k: v[2 * i] / v[2 * i + 1] if v[2 * i + 1] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
 @dataclass
@@ -79,22 +98,26 @@ class SupervisedLoop:
         cfg, eng = self.cfg, self.engine
         start_epoch, start_micro = self._resume()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.name, disable=eng.rank != 0)
+        prof = StepProfiler(cfg.profile_steps, Path(cfg.ckpt_path) / "profile", eng.rank, self.total_steps)
         sums, t0 = MetricSums(), time.perf_counter()
         for epoch in range(start_epoch, cfg.max_epochs):
             mbs = epoch_micro_batches(self.data.num_train, cfg.train_batch_size, cfg.micro_train_batch_size,
                                       eng.world_size, eng.rank, epoch, cfg.seed)
+            losses: list[torch.Tensor] = []  # this optimizer step's, checked before the step is taken
             for i in range(start_micro if epoch == start_epoch else 0, len(mbs)):
+                if i % eng.grad_accum == 0:
+                    prof.begin(self.global_step + 1)
+                    losses = []
                 loss, m = self.step_fn(eng.module, self.data.make_batch(mbs[i]))
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(
-                        f"{self.name}: non-finite loss ({loss.item()}) at optimizer step {self.global_step + 1} "
-                        f"(epoch {epoch}, micro-batch {i}); last good checkpoint: "
-                        f"{ckpt.latest_checkpoint(cfg.ckpt_path) or 'none'} in {cfg.ckpt_path}")
+                losses.append(loss.detach())
+                if (i + 1) % eng.grad_accum == 0:
+                    self._check_finite(losses, epoch, i + 1 - len(losses))
                 eng.backward_step(loss)
                 sums.add(m)
                 if (i + 1) % eng.grad_accum:
                     continue
                 self.global_step += 1
+                prof.end(self.global_step)
                 bar.update(1)
                 if self.global_step % cfg.logging_steps == 0:
                     logs = self.derived_metrics(sums.reduce())
@@ -108,11 +131,24 @@ class SupervisedLoop:
                     ckpt.save_checkpoint({"model": eng.module}, cfg.ckpt_path, self.global_step,
                                          {"global_step": self.global_step, "epoch": epoch, "micro": i + 1},
                                          cfg.max_ckpt_num)
+        prof.close()
         bar.close()
         # the end-of-training eval, unless --eval_steps just evaluated this very step (no duplicate row)
         final = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.global_step else self.evaluate()
         self.save_model()
         return final
+
+    def _check_finite(self, losses: list[torch.Tensor], epoch: int, first_micro: int) -> None:
+        """Raise, naming the micro-batch and the last good checkpoint, if a loss of this optimizer step is
+        not finite. Runs before the step's last backward_step, which takes the optimizer step: the
+        earlier micro-batches' gradients are then lost with the run, never applied."""
+        bad = ~torch.isfinite(torch.stack(losses))
+        if bad.any():
+            j = int(bad.nonzero()[0, 0])
+            raise FloatingPointError(
+                f"{self.name}: non-finite loss ({losses[j].item()}) at optimizer step {self.global_step + 1} "
+                f"(epoch {epoch}, micro-batch {first_micro + j}); last good checkpoint: "
+                f"{ckpt.latest_checkpoint(self.cfg.ckpt_path) or 'none'} in {self.cfg.ckpt_path}")
 
     def save_model(self) -> None:
         """The final Hugging Face save; a stage that stores more (a reward model's head name) extends it."""

@@ -77,7 +77,7 @@ def prm_step(model: torch.nn.Module, batch: PRMBatch, reward_ids: list[int]):
 
     out = prm_loss(step_logits(model, batch, reward_ids), batch.labels_N)
     n = int(batch.labels_N.numel())
-    return out.loss, {"loss": (out.loss.item() * n, n), "acc": (out.accuracy.item() * n, n)}
+    return out.loss, {"loss": (out.loss.detach().double() * n, n), "acc": (out.accuracy.detach().double() * n, n)}
 
 
 def batch_maker(data: PRMSet, pad_id: int, placeholder_id: int, packed: bool, device: Any):

@@ -18,6 +18,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ from rlhf_ops.rl.experience import Experience, keep_groups, make_experience, rol
 from rlhf_ops.rl.rewards import Scores
 from rlhf_ops.rl.setup import RLSetup, build
 from rlhf_ops.utils import checkpoint as ckpt
+from rlhf_ops.utils.profiling import StepProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +128,14 @@ def run_rl(s: RLSetup) -> dict[str, float]:
     # --async_train: the next step's rollout samples (with the weights of the last sync) while this step
     # trains; it is joined before the next sync, so a rollout is never more than one update behind
     pool = ThreadPoolExecutor(1, thread_name_prefix="rollout") if cfg.async_train else None
+    prof = StepProfiler(cfg.profile_steps, Path(cfg.ckpt_path) / "profile",
+                        total_steps=steps_per_episode * cfg.num_episodes)
     ahead: Future | None = None
     try:
         while episode < cfg.num_episodes:
             order = torch.randperm(len(s.prompts), generator=torch.Generator().manual_seed(cfg.seed + episode)).tolist()
             while True:
+                prof.begin(step + 1)
                 t0 = time.perf_counter()
                 try:
                     ro, cursor_next = ahead.result() if ahead else rollout(s, cursor, order, step + 1)
@@ -157,6 +162,7 @@ def run_rl(s: RLSetup) -> dict[str, float]:
                 m["time_sync"] = time.perf_counter() - sync_s
                 s.kl.update(exp.metrics["kl"], len(exp))
                 step += 1
+                prof.end(step)
                 cursor = cursor_next  # a checkpoint resumes at the first prompt no trained step has used
                 bar.update(1)
                 logs = {**exp.metrics, **m, "kl_coef": s.kl.value, "time_train": t_train,
@@ -173,6 +179,7 @@ def run_rl(s: RLSetup) -> dict[str, float]:
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+    prof.close()
     bar.close()
     if s.eval_prompts is not None and (cfg.eval_steps <= 0 or step % cfg.eval_steps):
         final = s.evaluate(step)

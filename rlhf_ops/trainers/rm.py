@@ -61,7 +61,7 @@ def pair_metrics(loss: torch.Tensor, chosen_P: torch.Tensor, rejected_P: torch.T
     c, r = chosen_P.detach().double(), rejected_P.detach().double()
     P = len(c)
     loss_sum, acc, margin, cs, rs = torch.stack([loss.detach().double() * P, (c > r).sum(), (c - r).sum(),
-                                                 c.sum(), r.sum()]).tolist()
+                                                 c.sum(), r.sum()])  # on the device: read once per logging step
     return {"loss": (loss_sum, P), "acc": (acc, P), "margin": (margin, P),
             "chosen_reward": (cs, P), "rejected_reward": (rs, P)}
 
@@ -76,7 +76,7 @@ def rm_step(model: torch.nn.Module, pb: PairBatch, kind: str = "sigmoid") -> tup
     out = pairwise_reward_loss(chosen_P, rejected_P, pb.margin_P, kind)
     metrics = pair_metrics(out.loss, chosen_P, rejected_P)
     all_S = rewards_S.detach().double()
-    s, sq = torch.stack([all_S.sum(), (all_S ** 2).sum()]).tolist()
+    s, sq = all_S.sum(), (all_S ** 2).sum()
     metrics.update(reward_mean=(s, len(all_S)), reward_sq=(sq, len(all_S)))
     return out.loss, metrics
 

@@ -66,7 +66,7 @@ def sft_step(model: torch.nn.Module, batch: Any, aux_loss_coef: float = 0.0):
     from rlhf_ops.models.forward import causal_lm_loss
 
     out = causal_lm_loss(model, batch, aux_loss_coef)
-    return out["loss"], {"loss": (out["nll_sum"].item(), out["num_targets"])}
+    return out["loss"], {"loss": (out["nll_sum"].double(), out["num_targets"])}
 
 
 def batch_maker(data: TokenizedSet, pad_id: int, packed: bool, device: Any):

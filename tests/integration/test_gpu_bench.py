@@ -28,6 +28,9 @@ def test_smoke_run_measures_every_part_and_labels_its_figures(tmp_path):
     assert sft["mfu"] is None and sft["achieved_tflops"] > 0       # no peak is claimed for a CPU
     assert sft["flops_per_token"] == 6 * r["params"] + 6 * 4 * 128 * 64
     assert sft["engine"] == "LocalEngine (one process, ZeRO-0, fp32)"  # as train_sft logged it
+    tp = sft["trainer_profile"]                                   # the last 2 steps, under --profile_steps
+    assert (tp["steps"], tp["first_step"]) == (2, 3) and tp["top_ops"] and tp["host_syncs_per_step"] == 0
+    assert "| op | calls/step |" in (tmp_path / "sft_trainer_ops.md").read_text()
     rl = r["rl"]
     assert set(rl["phase_s_median"]) == {"generate", "score", "logprobs", "train"}
     assert all(v >= 0 for v in rl["phase_s_median"].values())

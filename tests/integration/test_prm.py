@@ -61,7 +61,7 @@ def step_metrics(model_path: str, cfg: PRMConfig) -> dict[str, float]:
             batch = batch_maker(ts, tok.pad_token_id, ph, True, "cpu")(list(range(i, min(i + 32, len(ts)))))
             _, m = prm_step(model, batch, reward_ids)
             for k in sums:
-                sums[k] += m[k][0]
+                sums[k] += float(m[k][0])
     return {k: v / ts.num_steps for k, v in sums.items()}
 
 

@@ -80,7 +80,7 @@ def max_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys) -> 
     ("gae", {"advantage_estimator": "gae", "save_value_network": True, "value_head_prefix": "value_head"}),
     ("gae_rm", {"advantage_estimator": "gae", "save_value_network": True, "reward_pretrain": "RM", "packing_samples": True,
                 "reward_func": "ZERO"}),  # rewards from the reward model alone
-    ("reinforce", {"advantage_estimator": "reinforce"}),
+    ("reinforce", {"advantage_estimator": "reinforce", "profile_steps": "2"}),
     ("reinforce_baseline", {"advantage_estimator": "reinforce_baseline"}),
     ("rloo", {"advantage_estimator": "rloo"}),
     ("group_norm", {"advantage_estimator": "group_norm", "use_kl_loss": True, "kl_estimator": "k3"}),
@@ -102,6 +102,10 @@ def test_each_estimator_runs_two_steps_and_moves_the_actor_and_critic(model_dir,
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float)), rows
     assert all(r["reward_std"] > 0 and r["lr"] > 0 for r in rows), rows
 
+    if "profile_steps" in extra:  # torch.profiler recorded step 2: generation, scoring and training
+        prof = json.loads((out / "ckpt" / "profile" / "ops.json").read_text())
+        assert (prof["steps"], prof["first_step"]) == (1, 2) and (out / "ckpt" / "profile" / "trace_rank0.json").is_file()
+        assert any("Backward" in r["op"] for r in prof["ops"]), prof["ops"]
     init, actor = weights(model_dir), weights(out / "actor")
     assert actor.keys() == init.keys()
     assert max_change(actor, init, init) > 1e-4, "the actor did not move"

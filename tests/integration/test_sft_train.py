@@ -194,8 +194,13 @@ def test_resume_from_an_early_checkpoint_ends_identical(model_dir, data_dir, tmp
     for tag in ("global_step4", "global_step6"):
         shutil.rmtree(b / "ckpt" / tag)
     (b / "ckpt" / "latest_good").write_text("global_step2\n")
-    out = run_sft(to_argv({**opts, "save_path": b / "model", "ckpt_path": b / "ckpt", "load_checkpoint": True}))
+    # B also records steps 3-4 with --profile_steps, which must change no result
+    out = run_sft(to_argv({**opts, "save_path": b / "model", "ckpt_path": b / "ckpt", "load_checkpoint": True,
+                           "profile_steps": "3-4"}))
     assert "resumed from" in out and "global_step2" in out, out[-LOG_TAIL:]
+    prof = json.loads((b / "ckpt" / "profile" / "ops.json").read_text())
+    assert (prof["steps"], prof["first_step"]) == (2, 3)
+    assert any("Backward" in r["op"] for r in prof["ops"]) and (b / "ckpt" / "profile" / "trace_rank0.json").is_file()
     assert (b / "ckpt" / "latest_good").read_text().strip() == "global_step6"
 
     wa, wb = load_weights(a / "model"), load_weights(b / "model")

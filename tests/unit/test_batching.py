@@ -110,3 +110,32 @@ def test_packed_and_padded_carry_the_same_targets_in_the_same_order():
     assert packed.num_targets == padded.num_targets
     kept = lambda b: b.targets_BT[b.targets_BT != -100].tolist()  # noqa: E731
     assert kept(padded) == kept(packed)
+
+
+def _reference_targets(ids: list[int], mask: list[int]) -> list[int]:
+    """One sample's targets, token by token: position t predicts ids[t+1] when mask[t+1] is set."""
+    return [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("as_tensors", [False, True])
+def test_collate_matches_the_per_token_definition(seed, as_tensors):
+    # masks set at random, first tokens included (a sample's target never comes from the next sample's
+    # first token), one-token samples included
+    rng = random.Random(seed)
+    ids = [[rng.randint(6, 500) for _ in range(rng.choice([1, 2, rng.randint(3, 40)]))] for _ in range(rng.randint(1, 7))]
+    masks = [[int(rng.random() < 0.7) for _ in r] for r in ids]
+    args = ([torch.tensor(r) for r in ids], [torch.tensor(m) for m in masks]) if as_tensors else (ids, masks)
+    tgts = [_reference_targets(r, m) for r, m in zip(ids, masks)]
+    packed, padded = collate(*args, PAD, packed=True), collate(*args, PAD)
+    assert packed.input_ids_BT.tolist() == [[t for r in ids for t in r]]
+    assert packed.targets_BT.tolist() == [[t for r in tgts for t in r]]
+    assert packed.position_ids_BT.tolist() == [[p for r in ids for p in range(len(r))]]
+    T = max(map(len, ids))
+    assert padded.input_ids_BT.tolist() == [r + [PAD] * (T - len(r)) for r in ids]
+    assert padded.targets_BT.tolist() == [r + [-100] * (T - len(r)) for r in tgts]
+    assert padded.attention_mask.tolist() == [[1] * len(r) + [0] * (T - len(r)) for r in ids]
+    assert padded.position_ids_BT.tolist() == [list(range(T))] * len(ids)
+    assert packed.seq_lens == padded.seq_lens == [len(r) for r in ids]
+    for b in (packed, padded):
+        assert b.input_ids_BT.dtype == b.targets_BT.dtype == b.position_ids_BT.dtype == torch.long

@@ -94,6 +94,8 @@ def test_shares_are_contiguous_balanced_and_in_order():
      "--colocate_actor_ref: colocated roles need the same layout: actor is 1 nodes x 2 GPUs, ref is 1 nodes x 1 GPUs"),
     ({"actor_num_gpus_per_node": 3}, "--train_batch_size: 8 is not divisible by --micro_train_batch_size 2 x actor ranks 3"),
     ({"ray_cpus_per_rank": 0.0}, "--ray_cpus_per_rank: must be > 0"),
+    ({"profile_steps": "2"}, "--profile_steps: records the process it runs in, and with Ray the models run in actor "
+                             "processes: profile with train_ppo (one process) instead"),
 ])
 def test_bad_ray_options_are_refused_naming_the_field(make_cfg, extra, expected):
     with pytest.raises(ConfigError) as exc:
