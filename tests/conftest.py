@@ -20,6 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The loader's oneDNN Linear (models.onednn) on every CPU, Intel included, where it is off by default: the
+# tests then run the same kernels on any CI machine (tests/unit/test_onednn.py checks the default's rule)
+os.environ.setdefault("RLHF_OPS_ONEDNN_LINEAR", "1")
 
 from pathlib import Path  # noqa: E402
 

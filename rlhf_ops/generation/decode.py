@@ -130,7 +130,7 @@ class _Weights:
         self.H, self.KV = cfg.num_attention_heads, cfg.num_key_value_heads
         self.D = attn0.head_dim
         self.scaling = float(attn0.scaling)
-        self.linear = onednn.linear if onednn.available() else F.linear
+        self.linear = onednn.linear if onednn.wanted() else F.linear
         # weights and plain forwards only, never a module call: under ZeRO-3 a module call runs DeepSpeed's
         # fetch/release hooks, whose all-gathers would need every rank in step (ranks sample different lengths)
         self.embed = inner.embed_tokens.weight

@@ -80,7 +80,8 @@ def fast_paths(model: torch.nn.Module) -> None:
     RoPE in fewer kernels, bitwise equal (`models.rope`; Liger's RoPE, where --use_liger_kernel put
     it, is not Llama's code and stays), and the last layer's MLP at the rows a loss reads
     (`models.rows`); and on CPU, fp32 Linear layers through oneDNN, which uses AVX-512 where MKL
-    does not (`models.onednn`; same fp32 arithmetic, another summation order), and SwiGLU MLPs as one
+    does not (`models.onednn`: not on Intel CPUs, where MKL does; same fp32 arithmetic, another
+    summation order), and SwiGLU MLPs as one
     autograd node that keeps half the activations (`models.mlp`, bitwise equal). Every loader calls it."""
     from rlhf_ops.models import mlp, onednn, rope, rows
 

@@ -16,8 +16,13 @@ oneDNN's summation order in place of MKL's: results agree to fp32 rounding, not 
 and its backward, as for `F.linear` (tests/integration/test_rl_loop.py: ZeRO 0, 2 and 3 end within
 1e-6). Anything else falls back to `F.linear`: GPU tensors, bf16/fp16, autocast, fewer than
 MIN_ROWS rows (a decode step of a few sequences, where MKL is faster), and PyTorch builds without
-the op. `RLHF_OPS_ONEDNN_LINEAR=0` turns it off for a process (A/B runs, or a CPU where MKL is the
-faster of the two).
+the op.
+
+On an Intel CPU MKL runs its own AVX-512 kernels, and there it was the faster of the two: tiny packed
+SFT (`train_sft` on the tiny preset, packed, 8 rows per step, one thread), 46.5-47.3 ms per step with
+MKL against 60.9-61.5 with oneDNN in two alternating pairs (Intel Xeon with AVX-512 and AMX,
+2026-12-07; benchmarks/trl_compare.py is the comparison of record). So the loader patches by default only on other CPUs (`wanted()`);
+`RLHF_OPS_ONEDNN_LINEAR=1` forces oneDNN on any CPU, `=0` turns it off (A/B runs).
 
 The price is memory: oneDNN compiles kernels per GEMM shape and keeps them (~0.65 MB a shape), so
 row counts are padded (`padded_rows`: multiples of BUCKET, at most PER_OCTAVE sizes per octave) and
@@ -45,6 +50,21 @@ def available() -> bool:
     """oneDNN's dense linear op exists in this PyTorch build and the env switch is not "0"."""
     return (os.environ.get(ENV, "1") != "0" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def wanted() -> bool:
+    """Route fp32 Linear layers through oneDNN: where it is available, and, unless RLHF_OPS_ONEDNN_LINEAR=1
+    asks for it anyway, not on an Intel CPU, where MKL's own AVX-512 kernels were faster."""
+    return available() and (os.environ.get(ENV) == "1" or cpu_vendor() != "GenuineIntel")
 
 
 _last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (x, x._version, padded rows): q/k/v share x
@@ -152,9 +172,10 @@ class Linear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def patch(model: torch.nn.Module) -> int:
-    """Make every plain `nn.Linear` in `model` a oneDNN `Linear`; returns how many (0 when unavailable)."""
-    if not available():
+def patch(model: torch.nn.Module, force: bool = False) -> int:
+    """Make every plain `nn.Linear` in `model` a oneDNN `Linear`; returns how many (0 when not `wanted()`,
+    or with `force` on any CPU, when the op is not available)."""
+    if not (available() if force else wanted()):
         return 0
     # read when oneDNN creates its first primitive, so before any forward; a user's setting wins
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", CACHE_CAPACITY)
