@@ -16,8 +16,8 @@ import logging
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch

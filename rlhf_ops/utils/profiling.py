@@ -81,8 +81,8 @@ class StepProfiler:
         prof, self._prof = self._prof, None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall_s = time.perf_counter() - self._t0  # before the profiler's own post-processing
         prof.__exit__(None, None, None)
-        wall_s = time.perf_counter() - self._t0
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"trace_rank{self.rank}.json"
         tmp = trace.with_name(f".{trace.name}.tmp")
