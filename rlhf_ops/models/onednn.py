@@ -21,8 +21,9 @@ the op.
 On an Intel CPU MKL runs its own AVX-512 kernels, and there it was the faster of the two: tiny packed
 SFT (`train_sft` on the tiny preset, packed, 8 rows per step, one thread), 46.5-47.3 ms per step with
 MKL against 60.9-61.5 with oneDNN in two alternating pairs (Intel Xeon with AVX-512 and AMX,
-2026-12-07; benchmarks/trl_compare.py is the comparison of record). So the loader patches by default only on other CPUs (`wanted()`);
-`RLHF_OPS_ONEDNN_LINEAR=1` forces oneDNN on any CPU, `=0` turns it off (A/B runs).
+2026-12-07; benchmarks/trl_compare.py is the comparison of record). So the loader patches by default
+only on other CPUs (`wanted()`); `RLHF_OPS_ONEDNN_LINEAR=1` forces oneDNN on any CPU, `=0` turns it
+off (A/B runs).
 
 The price is memory: oneDNN compiles kernels per GEMM shape and keeps them (~0.65 MB a shape), so
 row counts are padded (`padded_rows`: multiples of BUCKET, at most PER_OCTAVE sizes per octave) and
@@ -172,10 +173,9 @@ class Linear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def patch(model: torch.nn.Module, force: bool = False) -> int:
-    """Make every plain `nn.Linear` in `model` a oneDNN `Linear`; returns how many (0 when not `wanted()`,
-    or with `force` on any CPU, when the op is not available)."""
-    if not (available() if force else wanted()):
+def patch(model: torch.nn.Module) -> int:
+    """Make every plain `nn.Linear` in `model` a oneDNN `Linear`; returns how many (0 when not `wanted()`)."""
+    if not wanted():
         return 0
     # read when oneDNN creates its first primitive, so before any forward; a user's setting wins
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", CACHE_CAPACITY)
