@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark in one go, one results file. What `make bench` runs.
 
-    .venv/bin/python benchmarks/suite.py [--only trl,scaling,orchestration,weight_sync,bf16,collate] [--out benchmarks/results]
+    .venv/bin/python benchmarks/suite.py [--only trl,scaling,orchestration,weight_sync,bf16,collate,fused] [--out benchmarks/results]
 
 Runs, one after the other on an otherwise idle machine (they are never run concurrently, so no
 benchmark loads another's CPU):
@@ -14,7 +14,9 @@ benchmark loads another's CPU):
   `.venv-vllm`);
 * `bf16_engine.py`: bf16 SFT in one process, DeepSpeed's BF16_Optimizer against `LocalEngine`'s fp32
   master weights (time per step, peak RSS);
-* `collate.py`: host time to collate one 8 x 2048-token micro-batch, against a per-token Python loop.
+* `collate.py`: host time to collate one 8 x 2048-token micro-batch, against a per-token Python loop;
+* `fused_kernels.py`: the fused CPU kernels (RMSNorm, RoPE, SwiGLU) against the PyTorch ops they
+  replace, per kernel and over a whole SFT step.
 
 Each writes its own `<name>.json` / `<name>.md`; this script then writes `suite.json` (every
 result, plus the machine, the load before and after each part, and the device) and `suite.md`.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"trl": "trl_compare", "scaling": "scaling", "orchestration": "orchestration", "weight_sync": "weight_sync",
-         "bf16": "bf16_engine", "collate": "collate"}
+         "bf16": "bf16_engine", "collate": "collate", "fused": "fused_kernels"}
 
 
 def _gpu() -> str | None:

@@ -77,3 +77,12 @@ def _restore_root_logging_per_module():
     """The same for module-scoped fixtures that run a CLI in-process (autouse fixtures of a scope
     are set up before the other fixtures of that scope, so this snapshot comes first)."""
     yield from _keep_root_logging()
+
+
+@pytest.fixture
+def no_cpu_kernels(monkeypatch):
+    """The fused CPU kernels (rlhf_ops.kernels) off for one test: its PyTorch-op paths, e.g. to compare
+    them bit for bit with Hugging Face's."""
+    from rlhf_ops.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_lib", False)

@@ -82,13 +82,16 @@ def fast_paths(model: torch.nn.Module) -> None:
     (`models.rows`); and on CPU, fp32 Linear layers through oneDNN, which uses AVX-512 where MKL
     does not (`models.onednn`: not on Intel CPUs, where MKL does; same fp32 arithmetic, another
     summation order), and SwiGLU MLPs as one
-    autograd node that keeps half the activations (`models.mlp`, bitwise equal). Every loader calls it."""
-    from rlhf_ops.models import mlp, onednn, rope, rows
+    autograd node that keeps half the activations (`models.mlp`, bitwise equal); and for fp32 on CPU,
+    RMSNorm, RoPE and SwiGLU's elementwise part as fused kernels (`kernels.fused`, equal to rounding:
+    `RLHF_OPS_CPU_KERNELS=0` turns them off). Every loader calls it."""
+    from rlhf_ops.models import mlp, norm, onednn, rope, rows
 
     rope.patch(model)
     rows.install(model)
     onednn.patch(model)
     mlp.patch(model)
+    norm.patch(model)
 
 
 def _zero3_context(ds_config: dict | None) -> Any:

@@ -8,9 +8,13 @@ over the rows, a fraction of one GEMM. On the tiny GRPO micro-batch (~1100 packe
 ~43 MB saved for the backward. With no gradient (rollout scoring, reference logprobs, eval), SiLU and the
 product run in place, so the MLP holds two intermediate tensors at a time instead of four.
 
-The arithmetic is Hugging Face's, op for op: the same GEMMs on the same (row-padded, `models.onednn`)
-operands, `F.silu`, the product, `aten.silu_backward` and one two-term sum for the input gradient, so
-outputs and gradients are bitwise equal to the unfused module (`tests/unit/test_mlp.py`).
+The elementwise part (silu and the product forward; the product, grad_g and grad_u backward) is one pass
+of the fused CPU kernel (`kernels.fused`) for fp32 CPU tensors: 433 -> 178 us per backward on a [351, 512]
+micro-batch, against the five PyTorch ops it replaces (benchmarks/fused_kernels.py); equal to rounding.
+Without the kernels (`RLHF_OPS_CPU_KERNELS=0`, no C compiler, bf16) the arithmetic is Hugging Face's, op
+for op: the same GEMMs on the same (row-padded, `models.onednn`) operands, `F.silu`, the product,
+`aten.silu_backward` and one two-term sum for the input gradient, so outputs and gradients are bitwise
+equal to the unfused module (`tests/unit/test_mlp.py` checks both).
 
 `patch(model)` marks each MLP whose class runs Llama's forward (same bytecode: Llama, Mistral, Qwen2/3,
 ...) with SiLU and bias-free plain Linear projections, and wraps that class's forward once. A marked
@@ -29,6 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rlhf_ops.kernels import fused
 from rlhf_ops.models import onednn
 
 ENV = "RLHF_OPS_FUSED_MLP"
@@ -63,7 +68,7 @@ class _SwiGLUFn(torch.autograd.Function):
         x_PH = _rows(x, dnn)
         g_PI, u_PI = _fwd(x_PH, w_gate_IH, dnn), _fwd(x_PH, w_up_IH, dnn)
         # padding rows of x are zero, so are their g, u and product: down sees the zero padding it would get
-        y_PH = _fwd(F.silu(g_PI).mul_(u_PI), w_down_HI, dnn)
+        y_PH = _fwd(_product(g_PI, u_PI), w_down_HI, dnn)
         ctx.save_for_backward(x_PH, g_PI, u_PI, w_gate_IH, w_up_IH, w_down_HI)
         ctx.dnn, ctx.x_shape = dnn, x.shape
         return y_PH[:n].view(*x.shape[:-1], w_down_HI.shape[0])
@@ -75,16 +80,21 @@ class _SwiGLUFn(torch.autograd.Function):
         grad_NH = grad.reshape(-1, grad.shape[-1]).contiguous()
         n = grad_NH.shape[0]
         grad_PH = onednn._pad_rows(grad_NH) if dnn else grad_NH
-        # the same ops as autograd's (silu, product, silu_backward), into as few new [P, I] buffers as possible:
-        # a fresh one costs page faults that show next to these elementwise passes
-        s_PI = F.silu(g_PI)
-        p_PI = s_PI * u_PI
-        grad_w_down = _weight_grad(grad_PH, p_PI, w_down_HI, dnn) if need[3] else None
         grad_p_PI = _input_grad(grad_PH, w_down_HI, dnn)
-        grad_u_PI = torch.mul(grad_p_PI, s_PI, out=p_PI)
-        del s_PI
-        grad_g_PI = grad_p_PI.mul_(u_PI)
-        torch.ops.aten.silu_backward.grad_input(grad_g_PI, g_PI, grad_input=grad_g_PI)
+        if fused.available(g_PI, u_PI, grad_p_PI) and g_PI.is_contiguous() and u_PI.is_contiguous():  # one pass: the product, grad_g (over grad_p) and grad_u
+            p_PI, grad_g_PI, grad_u_PI = fused.swiglu_backward(grad_p_PI.contiguous(), g_PI, u_PI)
+            grad_w_down = _weight_grad(grad_PH, p_PI, w_down_HI, dnn) if need[3] else None
+            del p_PI
+        else:
+            # the same ops as autograd's (silu, product, silu_backward), into as few new [P, I] buffers as
+            # possible: a fresh one costs page faults that show next to these elementwise passes
+            s_PI = F.silu(g_PI)
+            p_PI = s_PI * u_PI
+            grad_w_down = _weight_grad(grad_PH, p_PI, w_down_HI, dnn) if need[3] else None
+            grad_u_PI = torch.mul(grad_p_PI, s_PI, out=p_PI)
+            del s_PI
+            grad_g_PI = grad_p_PI.mul_(u_PI)
+            torch.ops.aten.silu_backward.grad_input(grad_g_PI, g_PI, grad_input=grad_g_PI)
         grad_x = None
         if need[0]:
             grad_x_PH = _input_grad(grad_g_PI, w_gate_IH, dnn) + _input_grad(grad_u_PI, w_up_IH, dnn)
@@ -103,8 +113,18 @@ def swiglu(x: torch.Tensor, w_gate_IH: torch.Tensor, w_up_IH: torch.Tensor, w_do
         return _SwiGLUFn.apply(x, w_gate_IH, w_up_IH, w_down_HI, dnn)
     n = x.numel() // x.shape[-1]
     x_PH = _rows(x, dnn)
-    p_PI = F.silu(_fwd(x_PH, w_gate_IH, dnn), inplace=True).mul_(_fwd(x_PH, w_up_IH, dnn))
+    g_PI = _fwd(x_PH, w_gate_IH, dnn)
+    p_PI = _product(g_PI, _fwd(x_PH, w_up_IH, dnn), out=g_PI)
     return _fwd(p_PI, w_down_HI, dnn)[:n].view(*x.shape[:-1], w_down_HI.shape[0])
+
+
+def _product(g_PI: torch.Tensor, u_PI: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(g) * u: the fused kernel for fp32 CPU tensors, else PyTorch's two ops (`out`: may be g)."""
+    if fused.available(g_PI, u_PI) and g_PI.is_contiguous() and u_PI.is_contiguous():
+        return fused.swiglu_forward(g_PI, u_PI, out=out)
+    if out is g_PI:
+        return F.silu(g_PI, inplace=True).mul_(u_PI)
+    return F.silu(g_PI).mul_(u_PI)
 
 
 def _weights(mlp: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -8,7 +8,9 @@ tensor). Element by element both compute the same products and the same sums, si
 `(-x2) * s == x2 * (-s)` exactly in IEEE arithmetic, so outputs and gradients are bitwise equal
 to Hugging Face's (`tests/unit/test_rope.py` checks a whole model's loss and every gradient with
 `torch.equal`), so it changes no result. On the tiny SFT benchmark (benchmarks/trl_compare.py) it
-saves ~0.7 ms of a ~37 ms step (same process, alternating 8 x 40 steps).
+saves ~0.7 ms of a ~37 ms step (same process, alternating 8 x 40 steps). For fp32 CPU tensors the fused
+CPU kernel (`kernels.fused.rope`) goes further: one pass per tensor each way, equal to rounding (264 ->
+162 us per forward + backward of a tiny layer's q and k, benchmarks/fused_kernels.py).
 
 `patch(model)` swaps `apply_rotary_pos_emb` in the model's modeling module when that module's
 function and its `rotate_half` are Llama's code (same bytecode: Llama, Mistral, Qwen2/3, Mixtral,
@@ -24,6 +26,8 @@ from types import CodeType, ModuleType
 from typing import Any
 
 import torch
+
+from rlhf_ops.kernels import fused
 
 _ORIGINAL = "_rlhf_ops_original_apply_rotary_pos_emb"
 _last: tuple[torch.Tensor, torch.Tensor] | None = None  # (sin, sin_signed) of the latest forward
@@ -43,7 +47,10 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hugging Face's `apply_rotary_pos_emb` (same signature and broadcasting), bitwise equal."""
+    """Hugging Face's `apply_rotary_pos_emb` (same signature and broadcasting): the fused CPU kernel where it
+    applies, else bitwise equal."""
+    if unsqueeze_dim == 1 and fused.rope_eligible(q, cos, sin) and fused.rope_eligible(k, cos, sin):
+        return fused.rope(q, cos, sin), fused.rope(k, cos, sin)
     half = q.shape[-1] // 2
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = _signed_sin(sin).unsqueeze(unsqueeze_dim)

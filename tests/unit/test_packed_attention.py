@@ -122,7 +122,7 @@ def test_packed_logits_and_grads_equal_each_sample_alone(models):
     ours.zero_grad()
 
 
-def test_padding_masks_and_generation_are_plain_sdpa(models, tiny_tokenizer):
+def test_padding_masks_and_generation_are_plain_sdpa(models, tiny_tokenizer, no_cpu_kernels):
     ours, hf = models
     tok = tiny_tokenizer
     side = tok.padding_side

@@ -1,4 +1,5 @@
-"""models.rope: Llama-style RoPE in fewer kernels, bitwise equal to Hugging Face's."""
+"""models.rope: Llama-style RoPE in fewer kernels, bitwise equal to Hugging Face's without the fused CPU kernels
+(equal to rounding with them: tests/unit/test_fused_kernels.py)."""
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
@@ -8,7 +9,7 @@ from rlhf_ops.models import rope
 from rlhf_ops.models.loading import load_causal_lm
 
 
-def test_the_function_equals_hf_bit_for_bit():
+def test_the_function_equals_hf_bit_for_bit(no_cpu_kernels):
     hf = getattr(llama, rope._ORIGINAL, llama.apply_rotary_pos_emb)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 7, 32, generator=g), torch.randn(2, 2, 7, 32, generator=g)
@@ -20,7 +21,7 @@ def test_the_function_equals_hf_bit_for_bit():
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_a_model_computes_the_same_loss_and_gradients(tiny_model_dir, packed):
+def test_a_model_computes_the_same_loss_and_gradients(tiny_model_dir, packed, no_cpu_kernels):
     model = load_causal_lm(str(tiny_model_dir))
     assert llama.apply_rotary_pos_emb is rope.apply_rotary_pos_emb  # the loader swapped it in
     seqs = [[1, 5, 9, 13, 17, 21, 2], [1, 7, 8, 2], [1, 30, 31, 32, 33, 2]]
