@@ -9,8 +9,9 @@ over the rows, a fraction of one GEMM. On the tiny GRPO micro-batch (~1100 packe
 product run in place, so the MLP holds two intermediate tensors at a time instead of four.
 
 The elementwise part (silu and the product forward; the product, grad_g and grad_u backward) is one pass
-of the fused CPU kernel (`kernels.fused`) for fp32 CPU tensors: 433 -> 178 us per backward on a [351, 512]
-micro-batch, against the five PyTorch ops it replaces (benchmarks/fused_kernels.py); equal to rounding.
+of the fused CPU kernel (`kernels.fused`) for fp32 CPU tensors: 344 -> 174 us per backward on a [351, 512]
+micro-batch, against the five PyTorch ops it replaces (Intel Xeon, one thread, benchmarks/fused_kernels.py);
+equal to rounding.
 Without the kernels (`RLHF_OPS_CPU_KERNELS=0`, no C compiler, bf16) the arithmetic is Hugging Face's, op
 for op: the same GEMMs on the same (row-padded, `models.onednn`) operands, `F.silu`, the product,
 `aten.silu_backward` and one two-term sum for the input gradient, so outputs and gradients are bitwise
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ops.kernels import fused
-from rlhf_ops.models import onednn
+from rlhf_ops.models import marking, onednn
 
 ENV = "RLHF_OPS_FUSED_MLP"
 _MARK = "_rlhf_ops_fused_mlp"
@@ -142,21 +143,14 @@ def _weights(mlp: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _fused(original: Callable) -> Callable:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ws = _weights(self, x) if self.__dict__.get(_MARK) else None
+        ws = _weights(self, x) if marking.is_marked(self, _MARK) else None
         if ws is None:
             return original(self, x)
         dnn = all(type(m) is onednn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj)) \
             and onednn._eligible(x, ws[0])
         return swiglu(x, *ws, dnn=dnn)
 
-    forward.__wrapped__ = original
-    setattr(forward, _MARK, True)
     return forward
-
-
-def _code_key(fn: Callable) -> tuple | None:
-    code = getattr(fn, "__code__", None)
-    return None if code is None else (code.co_code, code.co_names)
 
 
 def _is_swiglu(module: torch.nn.Module) -> bool:
@@ -169,9 +163,7 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
         return False
     act = getattr(module, "act_fn", None)
     silu = type(act) is torch.nn.SiLU or (type(act) is SiLUActivation and type(act).forward is SiLUActivation.forward)
-    forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
-    llama = getattr(LlamaMLP.forward, "__wrapped__", LlamaMLP.forward)
-    return silu and _code_key(forward) == _code_key(llama)
+    return silu and marking.same_code(type(module).forward, LlamaMLP.forward)
 
 
 def patch(model: torch.nn.Module) -> int:
@@ -179,18 +171,9 @@ def patch(model: torch.nn.Module) -> int:
     returns how many (0 with RLHF_OPS_FUSED_MLP=0)."""
     if os.environ.get(ENV, "1") == "0":
         return 0
-    n = 0
-    for module in model.modules():
-        if _is_swiglu(module):
-            cls = type(module)
-            if not getattr(cls.forward, _MARK, False):
-                cls.forward = _fused(cls.forward)
-            module.__dict__[_MARK] = True
-            n += 1
-    return n
+    return marking.mark(model, _MARK, _is_swiglu, _fused)
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Unmark `model`'s MLPs: they run Hugging Face's forward again (tests compare the two)."""
-    for module in model.modules():
-        module.__dict__.pop(_MARK, None)
+    marking.unmark(model, _MARK)

@@ -180,3 +180,16 @@ def test_build_caches_by_key_and_a_failed_build_falls_back(tmp_path, monkeypatch
         assert cpu.lib() is None
     assert "fused CPU kernels unavailable" in caplog.text
     assert not any((tmp_path / "other").iterdir())
+
+
+def test_only_llama_style_norms_are_marked(tiny_model_dir, monkeypatch):
+    from rlhf_ops.models import norm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    assert norm.patch(model) == 2 * model.config.num_hidden_layers + 1  # idempotent: the loader marked them already
+    assert norm.patch(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))) == 0
+    calls = _spy(monkeypatch)
+    norm.unpatch(model)
+    batch = collate([[1, 5, 9, 13, 2]], [[0, 1, 1, 1, 1]], 0, packed=False)
+    _loss_and_grads(model, batch)
+    assert calls["rms_norm"] == 0 and calls["rope"] > 0  # unmarked norms run Hugging Face's forward
