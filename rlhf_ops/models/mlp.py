@@ -9,7 +9,7 @@ over the rows, a fraction of one GEMM. On the tiny GRPO micro-batch (~1100 packe
 product run in place, so the MLP holds two intermediate tensors at a time instead of four.
 
 The elementwise part (silu and the product forward; the product, grad_g and grad_u backward) is one pass
-of the fused CPU kernel (`kernels.fused`) for fp32 CPU tensors: 344 -> 174 us per backward on a [351, 512]
+of the fused CPU kernel (`kernels.fused`) for fp32 CPU tensors: 349 -> 178 us per backward on a [351, 512]
 micro-batch, against the five PyTorch ops it replaces (Intel Xeon, one thread, benchmarks/fused_kernels.py);
 equal to rounding.
 Without the kernels (`RLHF_OPS_CPU_KERNELS=0`, no C compiler, bf16) the arithmetic is Hugging Face's, op

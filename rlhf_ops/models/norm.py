@@ -3,7 +3,7 @@
 Hugging Face's `LlamaRMSNorm.forward` is eight ops (cast, pow, mean, add, rsqrt, mul, cast, mul) and
 its backward about twelve: on the tiny CPU models, where a layer's GEMMs run near the core's peak,
 the 2L + 1 norms of a step cost more than their arithmetic. The fused kernel makes one pass over the
-rows each way: on a [351, 128] micro-batch, 67 against 237 us per forward + backward (Intel Xeon, one
+rows each way: on a [351, 128] micro-batch, 70 against 254 us per forward + backward (Intel Xeon, one
 thread, 2026-12-07; benchmarks/fused_kernels.py).
 
 `patch(model)` marks each module whose class runs Llama's RMSNorm forward (same bytecode: Llama,

@@ -9,8 +9,8 @@ tensor). Element by element both compute the same products and the same sums, si
 to Hugging Face's (`tests/unit/test_rope.py` checks a whole model's loss and every gradient with
 `torch.equal`), so it changes no result. On the tiny SFT benchmark (benchmarks/trl_compare.py) it
 saves ~0.7 ms of a ~37 ms step (same process, alternating 8 x 40 steps). For fp32 CPU tensors the fused
-CPU kernel (`kernels.fused.rope`) goes further: one pass per tensor each way, equal to rounding (309 ->
-133 us per forward + backward of a tiny layer's q and k on an Intel Xeon, benchmarks/fused_kernels.py).
+CPU kernel (`kernels.fused.rope`) goes further: one pass per tensor each way, equal to rounding (323 ->
+139 us per forward + backward of a tiny layer's q and k on an Intel Xeon, benchmarks/fused_kernels.py).
 
 `patch(model)` swaps `apply_rotary_pos_emb` in the model's modeling module when that module's
 function and its `rotate_half` are Llama's code (same bytecode: Llama, Mistral, Qwen2/3, Mixtral,
