@@ -12,7 +12,6 @@ about speed.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -43,7 +42,7 @@ def per_token_collate(ids_rows, mask_rows, pad_id, packed=False):
 
 
 def main() -> None:
-    from provenance import git_head, machine  # benchmarks/ is on sys.path
+    from provenance import git_head, machine, write_results  # benchmarks/ is on sys.path
     from rlhf_ops.data.batching import collate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -76,10 +75,7 @@ def main() -> None:
              "| layout | collate (ms) | per-token loop (ms) | speed-up |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['collate']:.3f} | {v['per-token loop']:.3f} | {v['per-token loop'] / v['collate']:.1f}x |"
               for k, v in res["ms"].items()]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "collate.json").write_text(json.dumps(res, indent=2) + "\n")
-    (a.out / "collate.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(a.out, "collate", res, lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -142,7 +141,7 @@ def _time_steps(samples: int, workdir: Path) -> dict:
 
 
 def main() -> None:
-    from provenance import git_head, machine  # benchmarks/ is on sys.path
+    from provenance import git_head, machine, write_results  # benchmarks/ is on sys.path
     from rlhf_ops.kernels import cpu
     from rlhf_ops.utils import malloc
 
@@ -170,10 +169,7 @@ def main() -> None:
     lines += ["", "| tiny packed SFT, one process, alternate steps | ms per step (median) | steps |", "|---|---|---|"]
     lines += [f"| {k} | {v['median_ms']:.2f} | {v['steps']} |" for k, v in res["sft_step"].items()]
     lines += ["", f"Kernels on: {off / on:.3f}x the steps per second of PyTorch ops ({off - on:.2f} ms less per step)."]
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "fused_kernels.json").write_text(json.dumps(res, indent=2) + "\n")
-    (a.out / "fused_kernels.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(a.out, "fused_kernels", res, lines)
 
 
 if __name__ == "__main__":

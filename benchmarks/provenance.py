@@ -50,3 +50,13 @@ def code_hash() -> str:
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def write_results(out: Path, name: str, result: dict, md_lines: list[str]) -> None:
+    """`<out>/<name>.json` and `<out>/<name>.md`, and the markdown printed."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(md_lines) + "\n")
+    print("\n".join(md_lines))
