@@ -42,14 +42,20 @@ def swiglu_backward(grad_p: torch.Tensor, g: torch.Tensor, u: torch.Tensor
     return p, grad_p, grad_u
 
 
+def _rms_norm_forward(x: torch.Tensor, w_H: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, rstd per row, x contiguous) for a contiguous fp32 weight."""
+    x = x.contiguous()
+    H = x.shape[-1]
+    y, rstd = torch.empty_like(x), x.new_empty(x.numel() // H)
+    cpu.lib().rmsnorm_fwd(x.data_ptr(), w_H.data_ptr(), y.data_ptr(), rstd.data_ptr(), rstd.numel(), H, eps, _nt())
+    return y, rstd, x
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_H: torch.Tensor, eps: float) -> torch.Tensor:
-        x = x.contiguous()
-        H = x.shape[-1]
-        y, rstd = torch.empty_like(x), x.new_empty(x.numel() // H)
-        cpu.lib().rmsnorm_fwd(x.data_ptr(), w_H.data_ptr(), y.data_ptr(), rstd.data_ptr(), rstd.numel(), H,
-                              eps, _nt())
+        y, rstd, x = _rms_norm_forward(x, w_H, eps)
         ctx.save_for_backward(x, w_H, rstd)
         return y
 
@@ -68,11 +74,7 @@ def rms_norm(x: torch.Tensor, w_H: torch.Tensor, eps: float) -> torch.Tensor:
     """w * x / sqrt(mean(x^2, -1) + eps) for fp32 CPU tensors (check `available` first)."""
     if torch.is_grad_enabled() and (x.requires_grad or w_H.requires_grad):
         return _RMSNormFn.apply(x, w_H.contiguous(), eps)
-    x, H = x.contiguous(), x.shape[-1]
-    y, rstd = torch.empty_like(x), x.new_empty(x.numel() // H)
-    cpu.lib().rmsnorm_fwd(x.data_ptr(), w_H.contiguous().data_ptr(), y.data_ptr(), rstd.data_ptr(), rstd.numel(),
-                          H, eps, _nt())
-    return y
+    return _rms_norm_forward(x, w_H.contiguous(), eps)[0]
 
 
 def _rope_BTHD(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor, backward: bool) -> torch.Tensor:

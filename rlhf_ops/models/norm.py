@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from rlhf_ops.kernels import fused
 from rlhf_ops.models import marking
 
 _MARK = "_rlhf_ops_fused_norm"
@@ -34,8 +35,6 @@ def _is_llama_norm(module: torch.nn.Module) -> bool:
 
 def _fused(original: Callable) -> Callable:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from rlhf_ops.kernels import fused
-
         w = self.weight
         if (marking.is_marked(self, _MARK) and hidden_states.shape[-1:] == w.shape and not hasattr(w, "ds_status")
                 and fused.available(hidden_states, w)):

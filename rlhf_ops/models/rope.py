@@ -1,4 +1,4 @@
-"""Rotary embeddings in fewer kernels, with Hugging Face's exact numbers.
+"""Rotary embeddings in fewer kernels: Hugging Face's exact numbers, or one fused CPU kernel each way.
 
 Hugging Face applies RoPE as `q * cos + rotate_half(q) * sin`, where `rotate_half(x) = cat(-x2, x1)`
 slices, negates and concatenates the (transposed, strided) [B, H, T, D] query and key: six kernels
